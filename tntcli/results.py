@@ -16,6 +16,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o644)                       # mkstemp's 0600 would hide results from group members
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -50,3 +51,48 @@ def write_table(df: pd.DataFrame, folder: str | os.PathLike, stem: str, title: s
     with locked(folder):
         return [atomic_write_text(folder / f"{stem}.csv", df.to_csv(index=False)),
                 atomic_write_text(folder / f"{stem}.md", "\n".join(md).rstrip() + "\n")]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")                      # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, stem: str | os.PathLike) -> list[Path]:
+    """`stem.png` and `stem.svg`, each written atomically."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext in ("png", "svg"):
+        final = stem.with_name(f"{stem.name}.{ext}")
+        tmp = final.with_name(f".{final.name}.tmp")
+        fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
+        os.replace(tmp, final)
+        written.append(final)
+    return written
+
+
+def plot_training_curves(histories: dict[str, list[dict]], stem: str | os.PathLike) -> list[Path]:
+    """Train loss and val top-1 per epoch for one or more runs (label -> metrics rows)."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, rows in histories.items():
+        df = pd.DataFrame(rows)
+        if df.empty:
+            continue
+        ax_loss.plot(df.epoch, df.train_loss, marker="o", ms=3, label=label)
+        val = df.dropna(subset=["val_top1"]) if "val_top1" in df else df.iloc[0:0]
+        ax_acc.plot(val.epoch, val.val_top1, marker="o", ms=3, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation top-1")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    try:
+        return save_figure(fig, stem)
+    finally:
+        plt.close(fig)

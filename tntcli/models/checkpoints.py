@@ -19,7 +19,8 @@ from torch import nn
 
 from tntcli.errors import TntError
 from tntcli.models import deit, tnt
-from tntcli.models.registry import MODELS, build_model, config_from_dict, config_to_dict, model_config
+from tntcli.models.registry import (MODELS, build_model, config_from_dict, config_to_dict, model_config,
+                                    validate_config)
 
 OURS = "tntcli"          # the `format` tag in files we write
 _WRAPPERS_EMA = ("state_dict_ema", "model_ema", "ema")
@@ -45,7 +46,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except TntError:
         raise
     except Exception as err:
-        raise TntError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        raise TntError(f"cannot read checkpoint {path}: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
     if not isinstance(obj, dict):
         raise TntError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj
@@ -54,7 +55,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def unwrap_state_dict(obj: dict[str, Any], ema: bool = False) -> dict[str, torch.Tensor]:
     """The weights inside a checkpoint dict: EMA weights when `ema`, without DDP/compile prefixes."""
     if obj.get("format") == OURS:
-        sd = obj["ema"] if ema and obj.get("ema") is not None else obj["model"]
+        if ema and obj.get("ema") is None:
+            raise TntError("--ema asked for, but the checkpoint holds no EMA weights")
+        sd = obj["ema"] if ema else obj["model"]
     else:
         wrappers = _WRAPPERS_EMA + _WRAPPERS if ema else _WRAPPERS + _WRAPPERS_EMA
         sd = next((obj[k] for k in wrappers if isinstance(obj.get(k), dict)), obj)
@@ -182,7 +185,12 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, *, ema: bo
     obj = read_checkpoint(path)
     if obj.get("format") == OURS and name is None:
         name = obj["model_name"]
-        cfg = dataclasses.replace(config_from_dict(obj["family"], obj["config"]), **overrides)
+        saved = config_from_dict(obj["family"], obj["config"])
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(saved)})
+        if unknown:
+            raise TntError(f"{name} has no option {', '.join(unknown)}")
+        cfg = dataclasses.replace(saved, **overrides)
+        validate_config(name, cfg)
     else:
         if name is None:
             name = guess_model_name(to_ours(unwrap_state_dict(obj, ema=ema))[1])
@@ -203,6 +211,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o644)                       # mkstemp's 0600 would hide results from group members
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

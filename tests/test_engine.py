@@ -1,0 +1,207 @@
+"""The training engine: run folder contract, exact resume, preemption, bad input, eval, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tntcli.config import build_config
+from tntcli.engine import train as train_mod
+from tntcli.engine.train import Preempted, StopFlag, train
+from tntcli.errors import TntError
+
+TINY_ARCH = {"depth": 1, "patch_size": 8, "inner_stride": 4, "dim": 32, "heads": 2, "word_dim": 8, "inner_heads": 2}
+
+
+def tiny_config(**overrides):
+    """A TNT of ~30k params on 16px digits: a few seconds per run on 2 cores, every engine feature switched on."""
+    recipe = {
+        "model": {"name": "tnt-ti", "img_size": 16, "drop_path": 0.1, "arch": TINY_ARCH},
+        "data": {"data": "digits", "batch_size": 32, "workers": 0, "max_train_images": 128},
+        "optim": {"lr": 0.02, "warmup_epochs": 1, "cooldown_epochs": 1},
+        "aug": {"rand_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25},
+        "train": {"epochs": 3, "ema_decay": 0.9, "seed": 1},
+    }
+    return build_config(recipe, overrides)
+
+
+def metrics(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "metrics.csv")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "full"
+    train(tiny_config(), out=run)
+    return run
+
+
+def test_run_folder_holds_config_metrics_checkpoints_summary_and_plot(finished_run):
+    df = metrics(finished_run)
+    assert list(df.columns[:9]) == ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "ema_top1",
+                                    "img_per_s", "seconds"]
+    assert df.epoch.tolist() == [1, 2, 3]
+    assert df.val_top1.between(0, 100).all() and (df.val_top5 >= df.val_top1).all()
+    summary = json.loads((finished_run / "summary.json").read_text())
+    for key in ("model", "epochs", "best_top1", "final_top1", "params_m", "gmacs"):
+        assert key in summary
+    assert summary["status"] == "completed" and summary["final_top1"] == df.val_top1.iloc[-1]
+    assert summary["best_top1"] == max(df.val_top1.max(), df.ema_top1.max())
+    for name in ("config.yaml", "last.pt", "best.pt", "curves.png", "curves.svg"):
+        assert (finished_run / name).is_file(), name
+
+
+def test_lr_schedule_is_warmup_then_cosine_then_cooldown():
+    cfg = tiny_config(**{"train.epochs": 5, "optim.warmup_epochs": 1, "optim.cooldown_epochs": 1})
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = train_mod.build_scheduler(opt, cfg, lr=1e-3, steps_per_epoch=10)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-6)                        # warmup starts at warmup_lr
+    assert lrs[10] == pytest.approx(1e-3)                       # peak after one epoch
+    assert all(a > b for a, b in zip(lrs[10:40], lrs[11:40]))   # cosine decay over epochs 2-4
+    assert lrs[40:] == pytest.approx([1e-5] * 10)               # cooldown epoch at min_lr
+
+
+def test_resume_after_an_epoch_reproduces_the_uninterrupted_run(finished_run, tmp_path):
+    """Resume from the checkpoint written after epoch 2 (kept as last.prev.pt): epoch 3 must match exactly."""
+    run = tmp_path / "resumed"
+    shutil.copytree(finished_run, run)
+    os.replace(run / "last.prev.pt", run / "last.pt")
+    os.replace(run / "last.prev.pt.sha256", run / "last.pt.sha256")
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 2
+    train(tiny_config(), resume=run)
+    pd.testing.assert_frame_equal(metrics(run).drop(columns=["img_per_s", "seconds"]),
+                                  metrics(finished_run).drop(columns=["img_per_s", "seconds"]))
+
+
+class StopAfter(StopFlag):
+    """Raises the stop flag after `n` polls, like a SIGTERM arriving during step n."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    @property
+    def raised(self):
+        self.n -= 1
+        return self.n < 0
+
+    @raised.setter
+    def raised(self, value):
+        pass
+
+
+def test_preemption_saves_mid_epoch_and_resume_is_exact(finished_run, tmp_path):
+    run = tmp_path / "preempted"
+    with pytest.raises(Preempted):
+        train(tiny_config(), out=run, stop=StopAfter(6))     # 4 steps per epoch: stops in epoch 2, step 3
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 3)
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    train(tiny_config(), resume=run)
+    pd.testing.assert_frame_equal(metrics(run).drop(columns=["img_per_s", "seconds"]),
+                                  metrics(finished_run).drop(columns=["img_per_s", "seconds"]))
+
+
+def test_existing_run_folder_is_refused_unless_overwrite(finished_run, tmp_path):
+    with pytest.raises(TntError, match="already exists.*--resume"):
+        train(tiny_config(), out=finished_run)
+    target = tmp_path / "again"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    train(tiny_config(**{"train.epochs": 1}), out=target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "summary.json").is_file()
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = torch.nn.functional.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(train_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
+    run = tmp_path / "nan"
+    with pytest.raises(TntError, match="non-finite loss at epoch 2 step 2"):
+        train(tiny_config(), out=run)
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"optim.lrr": 1.0}, "unknown recipe key 'optim.lrr'"),
+    ({"optim.lr": "fast"}, "optim.lr must be float"),
+    ({"train.epochs": 0}, "train.epochs must be >= 1"),
+    ({"bogus.key": 1}, "unknown recipe section"),
+    ({"train.amp": "fp8"}, "train.amp must be"),
+])
+def test_bad_recipe_values_name_the_key(overrides, message):
+    with pytest.raises(TntError, match=message):
+        tiny_config(**overrides)
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tntcli.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_eval_reports_top1_top5_as_json_and_appends_results_row(finished_run, tmp_path):
+    result = run_cli("eval", "--checkpoint", str(finished_run / "best.pt"), "--data", "digits", "--workers", "0",
+                     "--json", "--results", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("model", "checkpoint", "top1", "top5", "loss", "img_per_s", "n_images"):
+        assert key in record
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert record["top1"] == pytest.approx(summary["best_top1"], abs=1e-3)
+    assert pd.read_csv(tmp_path / "eval.csv").top1.tolist() == [record["top1"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--recipe", "nope"], "recipe 'nope' not found"),
+    (["train", "--model", "tnt-s", "--set", "optim.lrr=1"], "unknown recipe key 'optim.lrr'"),
+    (["train", "--model", "tnt-s"], "no dataset"),
+    (["train", "--resume", "/nonexistent/run"], "cannot resume"),
+    (["eval", "--checkpoint", "/nonexistent.pt", "--data", "digits"], "checkpoint not found"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(args, message):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
+    common = ["train", "--recipe", str(tmp_path / "ddp.yaml")]
+    recipe = {"model": {"name": "tnt-ti", "img_size": 16, "drop_path": 0.0, "arch": TINY_ARCH},
+              "data": {"data": "digits", "workers": 0, "max_train_images": 128, "augment": False},
+              "optim": {"lr": 0.02, "warmup_epochs": 0, "cooldown_epochs": 0},
+              "train": {"epochs": 2, "ema_decay": None, "repeated_aug": 1}}
+    import yaml
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(recipe))
+    single = run_cli(*common, "--batch-size", "32", "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "tntcli.cli", *common, "--batch-size", "16",
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert b.train_loss.tolist() == pytest.approx(a.train_loss.tolist(), rel=1e-4)
+    assert b.val_top1.tolist() == pytest.approx(a.val_top1.tolist(), abs=0.6)

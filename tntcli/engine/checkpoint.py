@@ -1,0 +1,104 @@
+"""Training checkpoints that survive kills: atomic writes, a checksum beside each file, one previous copy kept.
+
+Saving `last.pt`: serialise, write `last.pt.sha256.tmp` and a temp file (fsynced), move the current pair to
+`last.prev.pt(.sha256)`, then rename the new pair into place. A kill at any moment leaves either a complete new
+file, or the previous one. Loading verifies the checksum and falls back to the previous file when the newest
+is unreadable or does not match.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tntcli.errors import TntError
+from tntcli.results import atomic_write_text
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _prev_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_verified(record: dict[str, Any], path: str | os.PathLike, keep_previous: bool = True) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    blob = buffer.getvalue()
+    digest = hashlib.sha256(blob).hexdigest()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        prev = _prev_path(path)
+        os.replace(path, prev)
+        if _digest_path(path).exists():
+            os.replace(_digest_path(path), _digest_path(prev))
+        else:
+            _digest_path(prev).unlink(missing_ok=True)
+    os.replace(tmp, path)
+    atomic_write_text(_digest_path(path), digest + "\n")
+    return path
+
+
+def _read_verified(path: Path) -> dict[str, Any]:
+    blob = path.read_bytes()
+    digest_file = _digest_path(path)
+    if digest_file.exists() and digest_file.read_text().strip() != hashlib.sha256(blob).hexdigest():
+        raise ValueError("checksum mismatch")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+
+
+def load_verified(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """The newest readable checkpoint among `path` and its previous copy: (record, file it came from)."""
+    path = Path(path)
+    problems = []
+    for candidate in (path, _prev_path(path)):
+        if not candidate.exists():
+            continue
+        try:
+            record = _read_verified(candidate)
+        except Exception as err:  # torn, truncated or bit-flipped file: try the previous copy
+            problems.append(f"{candidate.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            continue
+        if problems:
+            warnings.warn(f"{problems[0]}; resumed from {candidate.name} instead")
+        return record, candidate
+    if problems:
+        raise TntError(f"no readable checkpoint in {path.parent} ({'; '.join(problems)})")
+    raise TntError(f"no checkpoint to resume from: {path} does not exist")
+
+
+# --------------------------------------------------------------------------------------------- RNG state
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
