@@ -1,0 +1,138 @@
+"""Surviving kills, preemption, torn files and concurrent writers without losing work."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tntcli.engine.checkpoint import load_verified, save_verified
+from tntcli.engine.train import EXIT_PREEMPTED
+from tntcli.errors import TntError
+from tntcli.results import atomic_write_text, locked
+
+from test_engine import TINY_ARCH
+
+RECIPE = {
+    "model": {"name": "tnt-ti", "img_size": 16, "drop_path": 0.1, "arch": TINY_ARCH},
+    "data": {"data": "digits", "batch_size": 32, "workers": 0, "max_train_images": 192},
+    "optim": {"lr": 0.02, "warmup_epochs": 1, "cooldown_epochs": 0},
+    "aug": {"mixup": 0.8, "cutmix": 1.0},
+    "train": {"epochs": 3, "ema_decay": 0.9, "seed": 3, "checkpoint_every_steps": 1},
+}
+
+
+def start_training(tmp_path: Path, run: Path, *extra: str) -> subprocess.Popen:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    args = ["--resume", str(run)] if extra == ("resume",) else ["--recipe", str(recipe), "--out", str(run), *extra]
+    return subprocess.Popen([sys.executable, "-m", "tntcli.cli", "train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> int:
+    _, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err, err
+    return proc.returncode
+
+
+def comparable(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "metrics.csv").drop(columns=["img_per_s", "seconds"])
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "training ended before the first checkpoint"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("reference")
+    run = tmp / "run"
+    assert finish(start_training(tmp, run)) == 0
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference_run, tmp_path, seed):
+    run = tmp_path / "run"
+    proc = start_training(tmp_path, run)
+    wait_for(run / "last.pt", proc)
+    time.sleep(random.Random(seed).uniform(0.0, 3.0))          # somewhere in the 18 steps that follow
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    record, source = load_verified(run / "last.pt")             # whatever the moment, a readable checkpoint
+    assert source.name in ("last.pt", "last.prev.pt")
+    if record["epoch"] < 3:
+        assert finish(start_training(tmp_path, run, "resume")) == 0
+    pd.testing.assert_frame_equal(comparable(run), comparable(reference_run))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_signal_saves_exits_with_its_code_and_resumes(reference_run, tmp_path, sig):
+    run = tmp_path / "run"
+    proc = start_training(tmp_path, run)
+    wait_for(run / "last.pt", proc)
+    proc.send_signal(sig)
+    code = finish(proc)
+    if code == 0:                                               # finished before the signal landed
+        pytest.skip("run ended before the signal")
+    assert code == EXIT_PREEMPTED
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert finish(start_training(tmp_path, run, "resume")) == 0
+    pd.testing.assert_frame_equal(comparable(run), comparable(reference_run))
+
+
+def test_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
+    path = tmp_path / "last.pt"
+    save_verified({"epoch": 1, "w": torch.arange(1000.0)}, path)
+    save_verified({"epoch": 2, "w": torch.arange(1000.0)}, path)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF                                # one flipped bit-pattern in the middle
+    path.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        record, source = load_verified(path)
+    assert record["epoch"] == 1 and source.name == "last.prev.pt"
+
+
+def test_truncated_checkpoints_with_no_good_copy_give_a_clear_error(tmp_path):
+    path = tmp_path / "last.pt"
+    save_verified({"epoch": 1}, path)
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(TntError, match="no readable checkpoint"):
+        load_verified(path)
+
+
+def _append_rows(folder: str, worker: int) -> None:
+    for i in range(20):
+        with locked(folder):
+            path = Path(folder) / "table.csv"
+            old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["worker", "i"])
+            new = pd.concat([old, pd.DataFrame([{"worker": worker, "i": i}])], ignore_index=True)
+            atomic_write_text(path, new.to_csv(index=False))
+
+
+def test_concurrent_results_writers_lose_no_row(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_rows, args=(str(tmp_path), w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert len(table) == 60 and sorted(table.groupby("worker").size().tolist()) == [20, 20, 20]
+    assert not list(tmp_path.glob(".*.tmp"))                   # no temp file left behind
