@@ -150,7 +150,7 @@ def main() -> None:
     """Console entry point: user mistakes print one line and exit non-zero, never a traceback."""
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)      # non-standalone click returns typer.Exit's code instead of exiting
     except TntError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         sys.exit(2)
