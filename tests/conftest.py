@@ -1,0 +1,44 @@
+"""Shared test fixtures. Data-layer part: tiny generated image folders and the `ffcv` marker policy."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+# ------------------------------------------------------------------------------------------ data layer
+def make_image_folder(root: Path, classes=("cat", "dog", "emu"), per_class=(8, 3), size=(20, 24), seed=0) -> Path:
+    """`root/train/<class>/*.jpg` + `root/val/<class>/*.jpg` of random RGB JPEGs (sizes vary a little)."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "val"), per_class):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size[0] + i % 3, size[1], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "imgs")
+
+
+def _ffcv_available() -> bool:
+    from tntcli.data.ffcv import ffcv_available
+
+    return ffcv_available()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.ffcv` tests skip without ffcv, but fail when TNT_REQUIRE_FFCV=1 (CI with the extra)."""
+    if item.get_closest_marker("ffcv") is None or _ffcv_available():
+        return
+    message = "ffcv is not installed (run `make ffcv`)"
+    if os.environ.get("TNT_REQUIRE_FFCV") == "1":
+        pytest.fail(f"{message} but TNT_REQUIRE_FFCV=1", pytrace=False)
+    pytest.skip(message)

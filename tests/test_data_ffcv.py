@@ -1,0 +1,123 @@
+"""FFCV path: write_beton round trip and atomicity, loaders. Numba compiles each pipeline once per process
+(seconds), so one module-scoped set of loaders serves every loader test."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+from tntcli.data import AugmentSettings, build_loaders, resolve_source
+from tntcli.errors import TntError
+
+pytestmark = pytest.mark.ffcv
+FULL = AugmentSettings()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder, X.beton prefix) with X-train.beton + X-val.beton written from it."""
+    from tntcli.data.ffcv import write_beton
+
+    root = tmp_path_factory.mktemp("ffcv")
+    folder = make_image_folder(root / "imgs")
+    paths = write_beton(str(folder), root / "tiny.beton", num_workers=1, progress=False)
+    assert [p.name for p in paths] == ["tiny-train.beton", "tiny-val.beton"]
+    return folder, root / "tiny.beton"
+
+
+@pytest.fixture(scope="module")
+def ffcv_loaders(written):
+    lds = build_loaders(str(written[1]), img_size=16, batch_size=4, workers=1, aug=FULL)
+    yield lds
+    lds.close()
+
+
+def test_round_trip_keeps_labels_classes_and_counts(written, ffcv_loaders):
+    lds = ffcv_loaders
+    assert (lds.n_train, lds.n_val, lds.classes, lds.num_classes) == (24, 9, ["cat", "dog", "emu"], 3)
+    labels = torch.cat([y.clone() for _, y in lds.val])
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # val: sequential, last batch kept
+    assert len(lds.val) == 3 and len(lds.train) == 6
+
+
+def test_both_paths_give_the_same_batch_format(written, ffcv_loaders):
+    tv = build_loaders(str(written[0]), img_size=16, batch_size=4, workers=0, aug=FULL)
+    for (fx, fy), (tx, ty) in ((next(iter(ffcv_loaders.train)), next(iter(tv.train))),
+                               (next(iter(ffcv_loaders.val)), next(iter(tv.val)))):
+        assert fx.shape == tx.shape == (4, 3, 16, 16) and fx.dtype == tx.dtype == torch.float32
+        assert fy.dtype == ty.dtype == torch.int64 and fy.shape == ty.shape
+        assert fx.min() >= -1 - 1e-5 and fx.max() <= 1 + 1e-5  # normalised with mean = std = 0.5
+    fx, fy = next(iter(ffcv_loaders.train))
+    out, targets = ffcv_loaders.batch_augment(fx, fy)  # + RandAugment and erasing, per image, for FFCV
+    tv_out, tv_targets = tv.batch_augment(*next(iter(tv.train)))
+    assert out.shape == tv_out.shape and targets.shape == tv_targets.shape == (4, 3)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch(ffcv_loaders):
+    def labels(epoch):
+        ffcv_loaders.set_epoch(epoch)
+        return torch.cat([y.clone() for _, y in ffcv_loaders.train]).tolist()
+
+    first = labels(2)
+    assert labels(2) == first
+    assert labels(5) != first
+
+
+def test_per_sample_augment_is_reproducible(ffcv_loaders):
+    images, labels = next(iter(ffcv_loaders.val))
+    images = images.clone()
+    ffcv_loaders.batch_augment.set_epoch(4)
+    a = ffcv_loaders.batch_augment(images, labels)
+    ffcv_loaders.batch_augment.set_epoch(4)
+    b = ffcv_loaders.batch_augment(images, labels)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_stopping_early_ends_the_ffcv_thread(ffcv_loaders):
+    batches = ffcv_loaders.train.epoch()
+    next(batches)
+    iterator = ffcv_loaders.train._live
+    batches.close()  # what a `break` out of the for loop does
+    assert not iterator.is_alive()
+    assert len(list(ffcv_loaders.train.epoch(max_steps=2))) == 2
+    for _ in ffcv_loaders.val:
+        break
+    ffcv_loaders.close()
+
+
+def test_single_file_from_a_class_folder_root(tmp_path, written):
+    from tntcli.data.ffcv import write_beton
+
+    (out,) = write_beton(str(written[0] / "val"), tmp_path / "eval.beton", num_workers=1, progress=False)
+    source = resolve_source(str(out))
+    assert source.train_path == source.val_path == out and source.classes == ["cat", "dog", "emu"]
+
+
+def test_failed_write_leaves_no_file(tmp_path, written, monkeypatch):
+    import tntcli.data.ffcv as ffcv_mod
+
+    real = ffcv_mod._load_item
+
+    def fails_at_5(dataset, index):
+        if index == 5:
+            raise ValueError("disk on fire")
+        return real(dataset, index)
+
+    monkeypatch.setattr(ffcv_mod, "_load_item", fails_at_5)  # workers fork, so they see it too
+    with pytest.raises(TntError, match="disk on fire"):
+        ffcv_mod.write_beton(str(written[0] / "val"), tmp_path / "bad.beton", num_workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_errors(tmp_path, written):
+    from tntcli.data.ffcv import write_beton
+
+    with pytest.raises(TntError, match="does not exist"):
+        write_beton(str(written[0]), tmp_path / "no" / "x.beton")
+    with pytest.raises(TntError, match="must end with .beton"):
+        write_beton(str(written[0]), tmp_path / "x.ffcv")
+    with pytest.raises(TntError, match="neither"):
+        resolve_source(str(tmp_path / "absent.beton"))

@@ -1,0 +1,400 @@
+"""FFCV: write `.beton` files and build FFCV loaders. `ffcv` is imported lazily so everything else works
+without it; a `.beton` path then fails with one line saying what to install.
+
+Files: `write_beton(src, "out/x.beton")` writes `out/x-train.beton` + `out/x-val.beton` for a source with both
+splits (a train/val folder, a named dataset, digits) or `out/x.beton` for a plain `<class>/<image>` folder,
+each with a `<file>.json` sidecar holding the class names. Writes are atomic: a temp file in the same
+folder, renamed at the end, removed on any failure.
+
+Loaders (see `ffcv_loaders`): decoding, crop, flip and normalisation run in FFCV's compiled (numba)
+pipeline, all compiled ops first (on CPU, compiled -> plain -> compiled hangs in `Loader.__init__`). The
+`Loader` objects live as long as `Loaders` (re-creating them leaks memory, ffcv issues 345/393). An epoch
+cut short is stopped with `stop_epoch_iterator`, which lets FFCV's worker thread finish: leaving it running
+makes the process abort at exit (code 134) in a good share of runs.
+
+Determinism: the order is a pure function of (seed, epoch, rank); the crop/flip draws come from numba's
+per-thread generators and are not reproducible. `batch_augment` (MixUp/CutMix/RandAugment/erasing) is.
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import os
+import queue
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tntcli.errors import TntError
+
+INSTALL_HINT = ("the ffcv extra is not installed: run `make ffcv` (apt-get install pkg-config libturbojpeg0-dev "
+                "libopencv-dev, then pip install ffcv)")
+WRITE_MODES = ("proportion", "jpg", "raw", "smart")
+_STOP_TIMEOUT_S = 60.0
+
+
+def ffcv_available() -> bool:
+    try:
+        import ffcv  # noqa: F401
+        from ffcv.loader import Loader  # noqa: F401  (imports numba + the compiled extension)
+    except Exception:  # ImportError, or a broken native build
+        return False
+    return True
+
+
+def require_ffcv() -> None:
+    if not ffcv_available():
+        raise TntError(INSTALL_HINT)
+
+
+# ------------------------------------------------------------------------------------------ metadata
+def sidecar_path(beton: Path) -> Path:
+    return beton.with_name(beton.name + ".json")
+
+
+def beton_classes(beton: Path) -> list[str]:
+    """Class names from the sidecar, else "0".."K-1" from the labels stored in the file."""
+    sidecar = sidecar_path(beton)
+    if sidecar.is_file():
+        return list(json.loads(sidecar.read_text())["classes"])
+    reader = _reader(beton)
+    labels = reader.metadata["label"] if "label" in reader.field_names else np.zeros(1, dtype=np.int64)
+    return [str(i) for i in range(int(labels.max()) + 1)]
+
+
+def _reader(beton: Path):
+    from ffcv.reader import Reader
+
+    try:
+        return Reader(str(beton))
+    except Exception as err:
+        raise TntError(f"{beton} is not a readable .beton file ({type(err).__name__}: {err})") from None
+
+
+# ------------------------------------------------------------------------------------------- writing
+def write_beton(src: str, out: str | os.PathLike, *, max_resolution: int | None = None, jpeg_quality: int = 90,
+                compress_probability: float = 0.5, write_mode: str = "proportion", num_workers: int | None = None,
+                progress: bool = True, data_root: str | None = None, strict: bool = False) -> list[Path]:
+    """Write `src` (ImageFolder root, class-folder root, named dataset or digits) to .beton; return the files.
+
+    Defaults follow ffcv-imagenet except `max_resolution` (they used 500 for ImageNet; None keeps sizes).
+    """
+    from tntcli.data.sources import beton_pair
+
+    out = Path(out).expanduser()
+    if out.suffix != ".beton":
+        raise TntError(f"output {out} must end with .beton")
+    if write_mode not in WRITE_MODES:
+        raise TntError(f"write_mode {write_mode!r}: expected one of {', '.join(WRITE_MODES)}")
+    if not out.parent.is_dir():
+        raise TntError(f"output folder {out.parent} does not exist")
+    splits = _source_splits(src, data_root, strict)  # user mistakes first: importing ffcv takes seconds
+    require_ffcv()
+    targets = beton_pair(out) if len(splits) == 2 else (out,)
+    written = []
+    for (_, dataset, classes), path in zip(splits, targets):
+        fields = _fields(write_mode, max_resolution, jpeg_quality, compress_probability)
+        _write_atomic(dataset, classes, path, fields, num_workers or os.cpu_count() or 1,
+                      label=path.name if progress else None)
+        written.append(path)
+    return written
+
+
+def _source_splits(src: str, data_root: str | None, strict: bool) -> list[tuple[str, Sequence, list[str]]]:
+    from tntcli.data import sources
+
+    root = Path(src).expanduser()
+    is_class_root = root.is_dir() and not (root / "train").is_dir() and not (root / "val").is_dir()
+    if is_class_root and any(p.is_dir() for p in root.iterdir()):
+        dataset, skipped = sources.scan_class_folders(root, strict=strict)
+        sources.warn_skipped(skipped, str(root))
+        return [("all", dataset, dataset.classes)]
+    if src.endswith(".beton"):
+        raise TntError(f"{src} is already a .beton; give an image folder or a dataset name")
+    source = sources.resolve_source(src, data_root, strict=strict)
+    return [("train", source.train, source.classes), ("val", source.val, source.classes)]
+
+
+def _fields(write_mode: str, max_resolution: int | None, jpeg_quality: int, compress_probability: float) -> dict:
+    from ffcv.fields import IntField, RGBImageField
+
+    return {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                                   compress_probability=compress_probability),
+            "label": IntField()}
+
+
+class _Items:
+    """What DatasetWriter reads: (HxWx3 uint8 array, int label)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return _load_item(self.dataset, index)
+
+
+def _load_item(dataset, index: int):
+    img, label = dataset[index]
+    return np.asarray(img, dtype=np.uint8), int(label)
+
+
+def _write_atomic(dataset, classes: list[str], path: Path, fields: dict, num_workers: int, label: str | None):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp_meta = sidecar_path(tmp)
+    try:
+        writer = _writer_class()(str(tmp), fields, num_workers=num_workers, progress_label=label)
+        writer.from_indexed_dataset(_Items(dataset), chunksize=64)
+        tmp_meta.write_text(json.dumps({"classes": list(classes), "num_samples": len(dataset)}))
+        os.replace(tmp, path)
+        os.replace(tmp_meta, sidecar_path(path))
+    finally:
+        for leftover in (tmp, tmp_meta):
+            leftover.unlink(missing_ok=True)
+
+
+def _guarded_worker(work_fn, errors, *args) -> None:
+    """Run ffcv's writer job; report a failure as one line instead of a traceback and a silent hang."""
+    try:
+        work_fn(*args)
+    except BaseException as err:  # noqa: BLE001 - the parent decides what to do
+        errors.put(f"{type(err).__name__}: {err}".splitlines()[0])
+        raise SystemExit(1) from None
+
+
+def _writer_class():
+    from ffcv.writer import DatasetWriter
+
+    class Writer(DatasetWriter):
+        """ffcv's DatasetWriter with a rich progress bar, and errors instead of a hang when a worker fails
+        (the original waits forever for samples a dead worker will never write)."""
+
+        def __init__(self, fname, fields, num_workers, progress_label):
+            super().__init__(fname, fields, num_workers=num_workers)
+            self.progress_label = progress_label
+
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            from multiprocessing import Process, Queue, Value
+
+            from ffcv.memory_allocator import MemoryAllocator
+
+            self.num_samples = num_samples
+            self.prepare()
+            work, allocations, errors = Queue(), Queue(), Queue()
+            for todo in queue_content:
+                work.put(todo)
+            for _ in range(self.num_workers):
+                work.put(None)
+            done = Value(ctypes.c_uint64, 0)
+            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+            args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
+                    *extra_worker_args)
+            procs = [Process(target=_guarded_worker, args=(work_fn, errors, *args)) for _ in range(self.num_workers)]
+            try:
+                for p in procs:
+                    p.start()
+                self._wait(done, procs, errors)
+                table = []
+                for _ in procs:
+                    table.extend(allocations.get(timeout=120))
+                self.finalize(table)
+            finally:
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+                    p.join(timeout=10)
+                self.metadata_sm.close()
+                self.metadata_sm.unlink()
+
+        def _wait(self, done, procs, errors) -> None:
+            from rich.progress import Progress
+
+            with Progress(disable=self.progress_label is None, transient=False) as bar:
+                task = bar.add_task(f"writing {self.progress_label}", total=self.num_samples)
+                while done.value < self.num_samples:
+                    try:
+                        raise TntError(f"writing {self.progress_label or self.fname} failed: {errors.get_nowait()}")
+                    except queue.Empty:
+                        pass
+                    codes = [p.exitcode for p in procs]
+                    crashed = [c for c in codes if c not in (None, 0)]
+                    # all exited yet samples missing: re-read `done` after the exit codes to avoid a race
+                    lost = all(c == 0 for c in codes) and done.value < self.num_samples
+                    if crashed or lost:
+                        raise TntError(f"writing {self.fname} failed: a writer process exited early "
+                                       f"(exit code {crashed[0] if crashed else 0})")
+                    bar.update(task, completed=done.value)
+                    time.sleep(0.05)
+                bar.update(task, completed=self.num_samples)
+
+    return Writer
+
+
+# ------------------------------------------------------------------------------------------- loading
+def stop_epoch_iterator(iterator, timeout: float = _STOP_TIMEOUT_S) -> None:
+    """Stop an FFCV EpochIterator cut short and wait for its thread: no more batches are scheduled, the
+    output queue is drained so a blocked `put` returns, then the epoch's memory context is released."""
+    iterator.terminate_event.set()
+    iterator.iter_ixes = iter(())  # the thread's next `next()` ends the epoch
+    deadline = time.monotonic() + timeout
+    while iterator.is_alive() and time.monotonic() < deadline:
+        try:
+            while True:
+                iterator.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        iterator.join(timeout=0.05)
+    iterator.close()
+
+
+def _next_batch(iterator):
+    """`EpochIterator.__next__` that notices a dead worker thread: FFCV's own waits forever when the
+    pipeline raised (e.g. a numba typing error), which would hang training instead of failing."""
+    while True:
+        try:
+            item = iterator.output_queue.get(timeout=0.5)
+            break
+        except queue.Empty:
+            if not iterator.is_alive() and iterator.output_queue.empty():
+                raise TntError("the FFCV loader thread stopped with an error (printed above)") from None
+    if item is None:
+        iterator.close()
+        return None
+    slot, batch = item
+    if iterator.cuda_streams[slot] is not None:  # wait for the copy to the GPU, as FFCV does
+        iterator.current_stream.wait_stream(iterator.cuda_streams[slot])
+    return batch
+
+
+class FfcvLoader:
+    """One FFCV `Loader`, reused every epoch. Batches are `(float32 NCHW normalised, int64)` on `device`.
+
+    On CPU the images are channels-last views of FFCV's reused buffers: use (or copy) a batch before fetching
+    a few more. On GPU the uint8 batch is moved first and normalised there.
+    """
+
+    def __init__(self, loader, device: torch.device, mean: Sequence[float], std: Sequence[float]):
+        self.loader, self.device = loader, device
+        self.gpu_normalize = device.type == "cuda"
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self._live = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch  # FFCV orders by (seed + epoch), or DistributedSampler.set_epoch
+
+    def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, max_steps: int | None = None):
+        """Batches of one epoch; stopping early (max_steps, break, exception) shuts FFCV's thread down."""
+        self.close()
+        iterator = self._live = iter(self.loader)
+        finished = False
+        try:
+            for step in itertools.count():
+                if max_steps is not None and step >= max_steps:
+                    break
+                batch = _next_batch(iterator)
+                if batch is None:
+                    finished = True
+                    break
+                images, labels = batch
+                yield self._finish(images), labels
+        finally:
+            if not finished:
+                stop_epoch_iterator(iterator)
+            self._live = None
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        if self.gpu_normalize:
+            return (images.float() - self.mean) / self.std
+        return images
+
+    def close(self) -> None:
+        if self._live is not None:
+            stop_epoch_iterator(self._live)
+            self._live = None
+
+
+def _image_pipeline(decoder, ops: list, device: torch.device, mean, std) -> list:
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
+    if device.type == "cuda":  # uint8 over the bus, normalised on the GPU by FfcvLoader
+        return [decoder, *ops, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
+    normalize = NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32)
+    return [decoder, *ops, normalize, ToTensor(), ToTorchImage()]  # compiled ops first, then plain ones
+
+
+def _label_pipeline(device: torch.device) -> list:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    ops = [IntDecoder(), ToTensor(), Squeeze(1)]
+    return ops + [ToDevice(device, non_blocking=True)] if device.type == "cuda" else ops
+
+
+def _ra_order(repeats: int, world: int, rank: int, seed: int):
+    """A TraversalOrder dealing DeiT's RASampler order (which also shards across ranks)."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    from tntcli.data.pipelines import RASampler
+
+    class RepeatedAugOrder(TraversalOrder):
+        def sample_order(self, epoch: int):
+            sampler = RASampler(len(self.indices), world, rank, repeats=repeats, seed=seed)
+            sampler.set_epoch(epoch)
+            return self.indices[np.array(list(sampler), dtype=np.int64)]
+
+    return RepeatedAugOrder
+
+
+def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, std, crop_pct: float,
+                 aug, distributed: bool, repeated_aug: int, device: torch.device, seed: int, drop_last: bool,
+                 max_train_images: int | None):
+    """(train, val, n_train, n_val) FfcvLoaders for an FFCV `DataSource`."""
+    require_ffcv()
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip
+
+    from tntcli.data.pipelines import world_and_rank
+
+    world, rank = world_and_rank(distributed)
+    size = (img_size, img_size)
+    n_train, n_val = int(_reader(source.train_path).num_samples), int(_reader(source.val_path).num_samples)
+
+    def center_crop():
+        return CenterCropRGBImageDecoder(size, ratio=crop_pct)
+
+    if aug is None:
+        train_image = _image_pipeline(center_crop(), [], device, mean, std)
+    else:
+        flip = [RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else []
+        train_image = _image_pipeline(RandomResizedCropRGBImageDecoder(size, scale=tuple(aug.scale)), flip,
+                                      device, mean, std)
+    train_indices = None
+    if max_train_images is not None and max_train_images < n_train:
+        train_indices = np.sort(np.random.default_rng(seed).permutation(n_train)[:max_train_images])
+        n_train = max_train_images
+    use_ra = repeated_aug > 1
+    train = Loader(str(source.train_path), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM,
+                   distributed=distributed and not use_ra, seed=seed, indices=train_indices, drop_last=drop_last,
+                   pipelines={"image": train_image, "label": _label_pipeline(device)})
+    if use_ra:  # ffcv's constructor takes no order class with arguments: swap it in afterwards
+        train.traversal_order = _ra_order(repeated_aug, world, rank, seed)(train)
+        train.first_traversal_order = train.next_traversal_order()
+    val = Loader(str(source.val_path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
+                 indices=np.arange(rank, n_val, world), drop_last=False,
+                 pipelines={"image": _image_pipeline(center_crop(), [], device, mean, std),
+                            "label": _label_pipeline(device)})
+    return (FfcvLoader(train, device, mean, std), FfcvLoader(val, device, mean, std), n_train, n_val)

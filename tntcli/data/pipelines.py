@@ -1,0 +1,263 @@
+"""The torchvision path: transforms v2 train/val pipelines, samplers (incl. DeiT's RASampler), DataLoaders.
+
+Determinism: the train sampler yields `(index, sample_seed)` pairs; the dataset wrapper seeds the torch RNG
+with `sample_seed` before transforming that sample. Seeds and order are a pure function of
+(seed, epoch, rank, position in the epoch), so a batch does not depend on the number of workers and
+repeated samples (RASampler) still get different augmentations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler, get_worker_info
+from torchvision.transforms import v2
+
+from tntcli.data.augment import (
+    AugmentSettings,
+    TimmRandAugment,
+    fill_from_mean,
+    mix_seed,
+    mix_seeds,
+    parse_rand_augment,
+    random_erasing,
+)
+from tntcli.errors import TntError
+
+INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
+                  "nearest": v2.InterpolationMode.NEAREST}
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    try:
+        return INTERPOLATIONS[name]
+    except KeyError:
+        raise TntError(f"interpolation {name!r}: expected one of {', '.join(INTERPOLATIONS)}") from None
+
+
+# ----------------------------------------------------------------------------------------- transforms
+def _to_normalized_tensor(mean, std) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def eval_transform(img_size: int, *, crop_pct: float, interpolation: str, mean, std) -> v2.Compose:
+    """Resize the short side to img_size / crop_pct, center crop img_size (timm's eval transform)."""
+    resize = int(math.floor(img_size / crop_pct))
+    return v2.Compose([v2.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
+                       v2.CenterCrop(img_size), *_to_normalized_tensor(mean, std)])
+
+
+def train_transform(img_size: int, aug: AugmentSettings, *, interpolation: str, mean, std) -> v2.Compose:
+    """Per-sample train augmentation on PIL: RandomResizedCrop, flip, RandAugment, normalise, RandomErasing."""
+    steps: list = [v2.RandomResizedCrop(img_size, scale=tuple(aug.scale),
+                                        interpolation=interpolation_mode(interpolation), antialias=True)]
+    if aug.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(aug.hflip))
+    spec = parse_rand_augment(aug.rand_augment)
+    if spec:
+        steps.append(TimmRandAugment(spec, fill=fill_from_mean(mean)))
+    steps += _to_normalized_tensor(mean, std)
+    if aug.random_erasing > 0:
+        steps.append(random_erasing(aug.random_erasing))
+    return v2.Compose(steps)
+
+
+class SeededDataset:
+    """Applies `transform` to `dataset[i]`'s image. A `(index, seed)` key seeds the torch RNG first: in a
+    worker its private RNG, in the main process under `fork_rng` so the caller's RNG is left alone."""
+
+    def __init__(self, dataset, transform):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            img, label = self.dataset[key]
+            return self.transform(img), label
+        index, seed = key
+        img, label = self.dataset[index]
+        if get_worker_info() is not None:
+            torch.random.default_generator.manual_seed(seed)
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            return self.transform(img), label
+
+
+# ------------------------------------------------------------------------------------------- samplers
+class ShuffleSampler(Sampler[int]):
+    """A random permutation per epoch, a pure function of (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation shard of one rank: indices rank, rank+world, ... (no padding, so no sample counts twice)."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, n, num_replicas))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+class RASampler(Sampler[int]):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT): each index appears `repeats` times in a row in the
+    shuffled list, which is dealt round-robin to the ranks, so the copies land on different ranks.
+
+    `truncate=True` (DeiT, used for training) keeps the epoch at ceil(n / world) samples per rank so schedules
+    in epochs mean the same with and without it; `truncate=False` yields the whole repeated list
+    (ceil(n * repeats / world) per rank), covering every index `repeats` times across ranks.
+    """
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, repeats: int = 3, seed: int = 0,
+                 truncate: bool = True):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.n, self.world, self.rank, self.repeats, self.seed = n, num_replicas, rank, repeats, seed
+        self.truncate, self.epoch = truncate, 0
+        self.per_rank = math.ceil(n * repeats / num_replicas)
+        self.selected = math.ceil(n / num_replicas) if truncate else self.per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.selected
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats).tolist()
+        total = self.per_rank * self.world
+        order += order[: total - len(order)]  # pad so every rank gets the same count
+        return iter(order[self.rank:total:self.world][: self.selected])
+
+
+class SeededSampler(Sampler[tuple]):
+    """Wraps an index sampler: yields `(index, sample_seed)` with seeds from (seed, epoch, rank, position)."""
+
+    def __init__(self, sampler: Sampler[int], seed: int, rank: int):
+        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        seeds = mix_seeds(mix_seed(self.seed, self.epoch, self.rank), np.arange(len(indices))).tolist()
+        return iter(zip(indices, seeds))
+
+
+def world_and_rank(distributed: bool) -> tuple[int, int]:
+    if not distributed:
+        return 1, 0
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise TntError("distributed=True needs torch.distributed to be initialised first (run under torchrun)")
+    return dist.get_world_size(), dist.get_rank()
+
+
+def train_sampler(n: int, *, world: int, rank: int, repeated_aug: int, seed: int) -> Sampler[int]:
+    # One permutation per (seed, epoch) whatever the world size: without repeats, the ranks' step-i batches
+    # together are exactly the single-process step-i batch, so DDP reproduces a one-process run.
+    if repeated_aug > 1 or world > 1:
+        return RASampler(n, world, rank, repeats=repeated_aug, seed=seed)
+    return ShuffleSampler(n, seed)
+
+
+# ------------------------------------------------------------------------------------------- loaders
+class DeviceLoader:
+    """A DataLoader whose batches arrive on `device`; `epoch(max_steps)` stops early and cleans up."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+        self.non_blocking = device.type == "cuda"
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        sampler = self.loader.batch_sampler.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, max_steps: int | None = None):
+        for step, (images, labels) in enumerate(self.loader):
+            if max_steps is not None and step >= max_steps:
+                break
+            yield (images.to(self.device, non_blocking=self.non_blocking),
+                   labels.to(self.device, non_blocking=self.non_blocking))
+
+    def close(self) -> None:
+        iterator = getattr(self.loader, "_iterator", None)  # persistent workers live here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+
+def _collate(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*batch)
+    return torch.stack(images).as_subclass(torch.Tensor), torch.tensor(labels, dtype=torch.int64)
+
+
+def subset(dataset, count: int, seed: int) -> torch.utils.data.Subset:
+    """`count` samples drawn at random (a fixed function of seed), so sorted folders keep all classes."""
+    picked = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:count])
+    return torch.utils.data.Subset(dataset, picked.tolist())
+
+
+def make_loader(dataset, sampler: Sampler, *, batch_size: int, workers: int, device: torch.device,
+                drop_last: bool) -> DeviceLoader:
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=drop_last,
+                        persistent_workers=workers > 0)
+    return DeviceLoader(loader, device)
+
+
+def torchvision_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, std, crop_pct: float,
+                        interpolation: str, aug: AugmentSettings | None, distributed: bool,
+                        repeated_aug: int, device: torch.device, seed: int, drop_last: bool,
+                        max_train_images: int | None) -> tuple[DeviceLoader, DeviceLoader, int, int]:
+    """(train, val, n_train, n_val) DeviceLoaders for a map-style `DataSource`."""
+    world, rank = world_and_rank(distributed)
+    val_tf = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    train_tf = (train_transform(img_size, aug, interpolation=interpolation, mean=mean, std=std)
+                if aug is not None else val_tf)
+    train_set = source.train
+    if max_train_images is not None and max_train_images < len(train_set):
+        train_set = subset(train_set, max_train_images, seed)
+    sampler = SeededSampler(train_sampler(len(train_set), world=world, rank=rank, repeated_aug=repeated_aug,
+                                          seed=seed), seed, rank)
+    train = make_loader(SeededDataset(train_set, train_tf), sampler, batch_size=batch_size, workers=workers,
+                        device=device, drop_last=drop_last)
+    val = make_loader(SeededDataset(source.val, val_tf), ShardSampler(len(source.val), world, rank),
+                      batch_size=batch_size, workers=workers, device=device, drop_last=False)
+    return train, val, len(train_set), len(source.val)
