@@ -27,6 +27,7 @@ class ModelSection:
     drop_path: float = 0.1               # stochastic depth rate of the last block
     arch: dict[str, Any] = field(default_factory=dict)   # architecture overrides, e.g. {depth: 4, dim: 96}
     pretrained: str | None = None        # checkpoint to start from (any supported format)
+    freeze_backbone: bool = False        # linear probe: only the classification head trains
 
 
 @dataclass
@@ -54,6 +55,8 @@ class OptimSection:
     min_lr: float = 1e-5
     cooldown_epochs: int = 10            # last epochs held at min_lr (counted inside `epochs`)
     clip_grad: float | None = None
+    layer_decay: float | None = None     # e.g. 0.75: block i gets lr*decay^(depth-i), embeddings decay^(depth+1)
+    backbone_lr_scale: float = 1.0       # lr multiplier for everything but the head (fine-tuning)
 
 
 @dataclass
@@ -207,6 +210,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.nan_policy in ("stop", "skip"), "train.nan_policy must be stop or skip"),
         (cfg.train.ema_decay is None or 0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1]"),
+        (cfg.optim.backbone_lr_scale > 0, "optim.backbone_lr_scale must be > 0 (model.freeze_backbone freezes it)"),
         (cfg.model.img_size is None or cfg.model.img_size > 0, "model.img_size must be > 0"),
         (0 <= cfg.aug.random_erasing <= 1, "aug.random_erasing must be in [0, 1]"),
         (cfg.aug.mixup >= 0 and cfg.aug.cutmix >= 0, "aug.mixup and aug.cutmix must be >= 0"),

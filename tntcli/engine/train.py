@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import signal
 import time
@@ -64,32 +65,58 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------- optimiser
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on norms, biases, position embeddings and the cls token."""
+def param_groups(model: nn.Module, weight_decay: float, *, lr: float | None = None, layer_decay: float | None = None,
+                 backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms, biases, position embeddings and the cls token. Frozen weights are left out.
+
+    With `layer_decay` or `backbone_lr_scale` (fine-tuning), groups also carry lr = `lr` * lr_scale: block i of
+    `depth` scales by layer_decay^(depth - i), the embeddings by layer_decay^(depth + 1), the final norm and the
+    head by 1; everything but the head also by backbone_lr_scale. Highest lr first, so group 0 is the logged lr.
+    """
     skip = model.no_weight_decay()
-    decay, no_decay = [], []
+    depth = len(model.blocks)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        if not name.startswith("head."):
+            scale = backbone_lr_scale * (layer_decay or 1.0) ** (depth + 1 - _layer_index(name, depth))
+        groups.setdefault((scale, not (p.ndim <= 1 or name in skip)), []).append(p)
+    if layer_decay is None and backbone_lr_scale == 1.0:
+        return [{"params": groups.get((1.0, True), []), "weight_decay": weight_decay},
+                {"params": groups.get((1.0, False), []), "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale, "lr_scale": scale}
+            for (scale, decays), params in sorted(groups.items(), key=lambda g: (-g[0][0], not g[0][1]))]
+
+
+def _layer_index(name: str, depth: int) -> int:
+    """0 for the embeddings (everything before the blocks), i + 1 for blocks.i, depth + 1 for the final norm/head."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1 if name.startswith(("norm.", "head.")) else 0
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, lr: float, steps_per_epoch: int):
-    """Per-step schedule: linear warmup from warmup_lr, cosine to min_lr, then min_lr for the cooldown epochs."""
+    """Per-step schedule: linear warmup from warmup_lr, cosine to min_lr, then min_lr for the cooldown epochs.
+
+    One multiplier for every param group (a LambdaLR), so groups keep their lr ratios under layer-wise decay
+    or a scaled backbone lr; torch's chained Cosine/ConstantLR would pull every group to the same min_lr.
+    """
     o, total = cfg.optim, cfg.train.epochs * steps_per_epoch
     warm = min(o.warmup_epochs * steps_per_epoch, total - 1)
     cool = min(o.cooldown_epochs * steps_per_epoch, total - warm - 1)
     cosine = total - warm - cool
-    sched = torch.optim.lr_scheduler
-    parts, milestones = [], []
-    if warm:
-        parts.append(sched.LinearLR(opt, start_factor=min(1.0, o.warmup_lr / lr), total_iters=warm))
-        milestones.append(warm)
-    parts.append(sched.CosineAnnealingLR(opt, T_max=cosine, eta_min=min(o.min_lr, lr)))
-    if cool:
-        milestones.append(warm + cosine)
-        parts.append(sched.ConstantLR(opt, factor=min(1.0, o.min_lr / lr), total_iters=cool + 1))
-    return parts[0] if len(parts) == 1 else sched.SequentialLR(opt, parts, milestones=milestones)
+    start, floor = min(1.0, o.warmup_lr / lr), min(1.0, o.min_lr / lr)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return start + (1 - start) * step / warm
+        if step < warm + cosine:
+            return floor + (1 - floor) * (1 + math.cos(math.pi * (step - warm) / cosine)) / 2
+        return floor
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -169,6 +196,9 @@ def _run(cfg, run_dir, state, loaders, spec, img_size, arch, env, stop, reporter
     model = build_model(model_cfg)
     if cfg.model.pretrained and state is None:
         load_pretrained(model, cfg.model.pretrained, name=cfg.model.name, reset_head=True)
+    if cfg.model.freeze_backbone:                         # linear probe; set again on resume (not in the state)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
     params_m = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     gmacs = _count_gmacs(model_cfg) if env.is_main else float("nan")
     model.to(env.device)
@@ -186,8 +216,9 @@ def _run(cfg, run_dir, state, loaders, spec, img_size, arch, env, stop, reporter
     steps_per_epoch = _steps_per_epoch(loaders, cfg)
     global_batch = cfg.data.batch_size * env.world_size
     lr = cfg.optim.lr * global_batch / cfg.optim.lr_ref_batch
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=tuple(cfg.optim.betas),
-                            eps=cfg.optim.eps)
+    groups = param_groups(model, cfg.optim.weight_decay, lr=lr, layer_decay=cfg.optim.layer_decay,
+                          backbone_lr_scale=cfg.optim.backbone_lr_scale)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     sched = build_scheduler(opt, cfg, lr, steps_per_epoch)
     dtype = amp_dtype(cfg.train.amp, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
