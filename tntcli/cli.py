@@ -146,6 +146,194 @@ def flops(
     console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
+# ----------------------------------------------------------------------------------------------- transfer
+@app.command()
+def transfer(
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Weights: ours, official or timm."),
+    data: Optional[str] = typer.Option(None, "--data", help="ImageFolder root, .beton, cifar10, pets..."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the model the checkpoint identifies."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Default: transfer/<data> for named datasets."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder for named datasets."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", min=16, help="e.g. 384; position embedding resized."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Per process."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="At batch optim.lr_ref_batch (1024), scaled linearly."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Linear probe: train only the new head."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="e.g. 0.75: lower lr for earlier blocks."),
+    backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale", help="lr factor, all but the head."),
+    sets: List[str] = typer.Option([], "--set", help="Any recipe key: --set optim.weight_decay=0.1 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/transfer-...)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    table: bool = typer.Option(False, "--table", help="Only write results/transfer.md|csv from runs under --runs."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where --table looks for run folders."),
+    results: Path = typer.Option(Path("results"), "--results", help="Folder for transfer.md / transfer.csv."),
+):
+    """Fine-tune a pretrained TNT/DeiT on a downstream dataset: new head, resized position embedding (Table 9)."""
+    from tntcli import transfer as transfer_lib
+    from tntcli.engine.train import EXIT_PREEMPTED, Preempted
+
+    if table:
+        console.print(f"wrote {', '.join(str(p) for p in transfer_lib.write_transfer_table(runs, results))}")
+        return
+    overrides = _overrides({"model.name": model, "data.data": data, "data.data_root": data_root,
+                            "model.img_size": img_size, "train.epochs": epochs, "data.batch_size": batch_size,
+                            "optim.lr": lr, "data.workers": workers, "train.max_steps": max_steps, "train.seed": seed,
+                            "model.freeze_backbone": freeze_backbone or None, "optim.layer_decay": layer_decay,
+                            "optim.backbone_lr_scale": backbone_lr_scale}, sets)
+    try:
+        summary = transfer_lib.run_transfer(checkpoint, recipe=recipe, overrides=overrides, out=out, resume=resume,
+                                            overwrite=overwrite, console=console)
+    except Preempted as stop:
+        Console(stderr=True).print(str(stop), highlight=False)
+        raise typer.Exit(EXIT_PREEMPTED)
+    console.print(transfer_lib.summary_line(summary))
+
+
+# ----------------------------------------------------------------------------------------------- ablate, results
+@app.command()
+def ablate(
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Base recipe (YAML path or name)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base TNT model (default: recipe's, or tnt-s)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset: ImageFolder root, .beton, cifar10, digits..."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder for named datasets."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Per process."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", min=16),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
+    sets: List[str] = typer.Option([], "--set", help="Any recipe key: --set optim.weight_decay=0.1 (repeatable)."),
+    no_inner: bool = typer.Option(False, "--no-inner", help="Variant without inner transformer."),
+    inner_blocks: List[str] = typer.Option([], "--inner-blocks", help="1-based blocks keeping the inner "
+                                           "transformer, e.g. 1,4,8,12 (repeatable: one variant each)."),
+    no_word_pos: bool = typer.Option(False, "--no-word-pos", help="Variant without word position encoding."),
+    no_sentence_pos: bool = typer.Option(False, "--no-sentence-pos", help="Variant without sentence position "
+                                         "encoding (with --no-word-pos: also the variant with neither)."),
+    inner_heads: Optional[str] = typer.Option(None, "--inner-heads", help="Sweep of inner heads, e.g. 1,2,4,6,8."),
+    words: Optional[str] = typer.Option(None, "--words", help="Sweep of words per patch, e.g. 4,16,64."),
+    se: bool = typer.Option(False, "--se", help="Variant with the SE module."),
+    name: Optional[str] = typer.Option(None, "--name", help="Results name (default: from the flags)."),
+    runs: Path = typer.Option(Path("runs/ablate"), "--runs", help="Run folders; finished ones are reused."),
+    out: Path = typer.Option(Path("results"), "--out", help="Folder for ablation-<name>.md / .csv / plots."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print variants, params, GMACs and estimated time only."),
+    timing_steps: int = typer.Option(3, "--timing-steps", min=1, help="Timed train steps per variant (dry run)."),
+):
+    """Train the baseline and the paper's ablation variants under one recipe, seed and data; write a comparison."""
+    from tntcli import ablate as ablate_lib
+    from tntcli.config import build_config, load_recipe
+    from tntcli.engine.train import EXIT_PREEMPTED, Preempted
+
+    base = build_config(load_recipe(recipe), _overrides(
+        {"model.name": model, "data.data": data, "data.data_root": data_root, "train.epochs": epochs,
+         "data.batch_size": batch_size, "model.img_size": img_size, "data.workers": workers, "train.seed": seed,
+         "train.max_steps": max_steps}, sets))
+    flags = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se)
+    try:
+        ablate_lib.run(base, flags, runs=runs, out=out, name=name, dry_run=dry_run, timing_steps=timing_steps,
+                       recipe=recipe, console=console)
+    except Preempted as stop:
+        Console(stderr=True).print(f"{stop}; rerun the same `tnt ablate` command to resume", highlight=False)
+        raise typer.Exit(EXIT_PREEMPTED)
+
+
+@app.command("results")
+def results_(
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder searched (at any depth) for run folders."),
+    out: Path = typer.Option(Path("results"), "--out", help="Folder for comparison.md / .csv / plots."),
+):
+    """Rebuild results/comparison.md|csv (TNT beside same-size DeiT, ours and the paper's) from run folders."""
+    from tntcli.results import write_comparison
+
+    console.print(f"wrote {', '.join(str(p) for p in write_comparison(runs, out))}")
+
+
+# ------------------------------------------------------------------------------------------------ data
+# BEGIN data commands (owned by the data layer: tntcli/data)
+data_app = typer.Typer(no_args_is_help=True, help="Write FFCV .beton files and benchmark the loaders.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("write")
+def data_write(
+    src: str = typer.Argument(..., help="Image folder (train/ + val/, or <class>/<image>), cifar10..., digits."),
+    out: Path = typer.Argument(..., help="X.beton: writes X-train.beton + X-val.beton (or X.beton for one split)."),
+    max_resolution: Optional[int] = typer.Option(None, "--max-resolution", help="Longest side kept (ImageNet: 500)."),
+    jpeg_quality: int = typer.Option(90, "--jpeg-quality"),
+    compress_probability: float = typer.Option(0.5, "--compress-probability", help="JPEG share (proportion mode)."),
+    write_mode: str = typer.Option("proportion", "--write-mode", help="proportion, jpg, raw or smart."),
+    workers: int = typer.Option(2, "--workers"),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where named datasets live (./data)."),
+    strict: bool = typer.Option(False, "--strict", help="Unreadable images are an error, not a skip."),
+):
+    """Write an image dataset to FFCV .beton files (atomic; needs the ffcv extra)."""
+    from tntcli.data.ffcv import write_beton
+
+    for path in write_beton(src, out, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                            compress_probability=compress_probability, write_mode=write_mode,
+                            num_workers=workers, data_root=data_root, strict=strict):
+        console.print(f"wrote {path}")
+
+
+@data_app.command("bench")
+def data_bench(
+    data: str = typer.Option(..., "--data", help="Source images, e.g. /tmp/cifar10-5k (a .beton is written)."),
+    img_size: int = typer.Option(112, "--img-size"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    workers: int = typer.Option(2, "--workers"),
+    repeats: int = typer.Option(3, "--repeats", help="Alternating timed rounds per loader."),
+    epochs: int = typer.Option(1, "--epochs", help="Epochs per timed round."),
+    rand_augment: bool = typer.Option(False, "--rand-augment/--no-rand-augment", help="RandAugment in both."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Folder for the .beton (default: a temp folder)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root"),
+):
+    """images/s of the FFCV train loader vs the torchvision DataLoader on the same images."""
+    from tntcli.data import bench
+
+    result = bench.run_bench(data, data_root=data_root, img_size=img_size, batch_size=batch_size, workers=workers,
+                             repeats=repeats, epochs=epochs, rand_augment=rand_augment, cache_dir=cache)
+    bench.print_result(result, console)
+# END data commands
+
+
+# BEGIN bench command (owned by the throughput benchmark: tntcli/bench.py)
+@app.command("bench")
+def bench_(
+    model: List[str] = typer.Option(["tnt-s"], "--model", "-m", help="Model name (repeatable)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
+    mode: str = typer.Option("both", "--mode", help="infer, train or both."),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile every contestant."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
+    reps: int = typer.Option(5, "--reps", min=1, help="Timed repetitions per contestant (alternating)."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed steps first (compilation happens here)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="'timm': also time timm's model with our weights."),
+    grad_ckpt: bool = typer.Option(False, "--grad-checkpointing", help="Activation checkpointing in training."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory of one extra step."),
+    results: Path = typer.Option(Path("results"), "--results", help="Folder for bench.csv."),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, hidden=True, help="Reduced depth (tests)."),
+    gemm_size: int = typer.Option(2048, "--gemm-size", min=16, hidden=True, help="Reference GEMM side (tests)."),
+):
+    """Throughput (img/s), peak memory and GEMM-relative efficiency of inference and training steps."""
+    from tntcli import bench
+
+    if vs not in (None, "timm"):
+        raise TntError(f"--vs accepts only 'timm', got '{vs}'")
+    opts = bench.BenchOptions(models=list(dict.fromkeys(model)), batch_size=batch_size, precision=precision,
+                              modes=bench.MODES if mode == "both" else (mode,), compile=compile_, threads=threads,
+                              reps=reps, warmup=warmup, device=device, vs_timm=vs == "timm",
+                              grad_checkpointing=grad_ckpt, measure_memory=memory, gemm_size=gemm_size,
+                              arch={} if depth is None else {"depth": depth})
+    records = bench.run_bench(opts, console=console)
+    bench.print_table(records, console)
+    console.print(f"appended {len(records)} rows to {bench.append_csv(records, results)}")
+# END bench command
+
+
 def main() -> None:
     """Console entry point: user mistakes print one line and exit non-zero, never a traceback."""
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -164,6 +352,7 @@ def main() -> None:
             err_console.print(f"[bold red]error:[/] {err.format_message()} (see `tnt --help`)")
             sys.exit(err.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

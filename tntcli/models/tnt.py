@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tntcli.models.layers import TransformerLayer, drop_path_rates, init_vit_weights
 
@@ -80,7 +82,9 @@ class WordEmbed(nn.Module):
             return x.reshape(B * g * g, w * w, c)
         x = x.view(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B * g * g, C, p, p)
         x = self.proj(x)                                                # B*N, c, w, w
-        return x.flatten(2).transpose(1, 2)                             # B*N, w*w, c
+        # One explicit copy to (B*N, w*w, c) row-major: a transposed view here would keep its strides through
+        # every residual add of the inner transformer and cost a hidden copy in each LayerNorm and reshape.
+        return x.flatten(2).transpose(1, 2).contiguous()                # B*N, w*w, c
 
 
 class WordsToSentence(nn.Module):
@@ -120,8 +124,9 @@ class TNTBlock(nn.Module):
     def forward(self, words: torch.Tensor, sentences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inner is not None:
             words = self.inner(words)
-            patches = sentences[:, 1:] + self.words_to_sentence(words, sentences.shape[0])
-            sentences = torch.cat([sentences[:, :1], patches], dim=1)   # the cls token gets no words
+            # The cls token (row 0) gets no words: a zero row padded onto the projection instead of slice + cat,
+            # so backward passes the sentences' gradient straight through (no zero-filled slice gradients).
+            sentences = sentences + F.pad(self.words_to_sentence(words, sentences.shape[0]), (0, 0, 1, 0))
         return words, self.outer(sentences)
 
 
@@ -144,10 +149,16 @@ class TNT(nn.Module):
                                     for i, dp in enumerate(drop_path_rates(cfg.drop_path_rate, cfg.depth)))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.grad_checkpointing = False
         init_vit_weights(self)
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "word_pos", "sentence_pos"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them: less training memory, about
+        one more forward of time. Same outputs and gradients (dropout/drop-path RNG state is replayed)."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
@@ -159,7 +170,10 @@ class TNT(nn.Module):
             sentences = sentences + self.sentence_pos
         sentences = self.pos_drop(sentences)
         for block in self.blocks:
-            words, sentences = block(words, sentences)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                words, sentences = checkpoint(block, words, sentences, use_reentrant=False)
+            else:
+                words, sentences = block(words, sentences)
         return self.norm(sentences)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

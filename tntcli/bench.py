@@ -1,0 +1,350 @@
+"""Throughput benchmark: images/s and peak memory of inference and training steps, optionally against timm.
+
+Contestants (ours, and timm's counterpart with our weights loaded so both compute the same function) are timed
+in the same process, alternating repetition by repetition, on identical inputs; a large GEMM is timed in the same
+loop as the machine's reference matrix-multiply rate. Medians and min-max spreads are reported, because a shared
+machine's timings drift. Rows go to a rich table and are appended to `results/bench.csv`.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from tntcli.errors import TntError
+from tntcli.models.registry import create_model, get_spec
+from tntcli.results import atomic_write_text, locked
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("infer", "train")
+TIMM_NAMES = {"tnt-s": "tnt_s_patch16_224", "tnt-b": "tnt_b_patch16_224", "tnt-s-legacy": "tnt_s_legacy_patch16_224",
+              "deit-ti": "deit_tiny_patch16_224", "deit-s": "deit_small_patch16_224", "deit-b": "deit_base_patch16_224"}
+GEMM_SIZE = 2048                      # reference matmul: GEMM_SIZE^3 multiply-accumulates
+MIN_REP_SECONDS = 0.2                 # fast steps (GPU) repeat within a rep so each timing is well above timer noise
+MAX_ITERS = 100                       # ...but a call timed cold (or on a loaded machine) must not run for minutes
+TRAIN_MAC_FACTOR = 3                  # forward + backward ~ 3x the forward MACs (backward computes two products)
+
+
+@dataclass
+class BenchOptions:
+    models: list[str]
+    batch_size: int = 32
+    precision: str = "fp32"
+    modes: tuple[str, ...] = MODES
+    compile: bool = False
+    threads: int | None = None
+    reps: int = 5
+    warmup: int = 1
+    device: str = "auto"
+    vs_timm: bool = False
+    grad_checkpointing: bool = False
+    measure_memory: bool = True
+    gemm_size: int = GEMM_SIZE
+    min_rep_seconds: float = MIN_REP_SECONDS
+    arch: dict[str, Any] = field(default_factory=dict)   # e.g. {"depth": 1}: reduced models for tests
+
+
+@dataclass
+class Contestant:
+    model: str                        # our registry name
+    impl: str                         # "tntcli" or "timm"
+    module: nn.Module
+    max_abs_diff: float | None = None  # logits vs ours (timm only): proves both compute the same function
+
+
+# ----------------------------------------------------------------------------------------------- environment
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TntError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TntError(f"--device {name}: no CUDA GPU is available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise TntError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+# ----------------------------------------------------------------------------------------------- contestants
+def _import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise TntError("--vs timm needs the timm package, which is not installed (pip install timm)") from None
+    return timm
+
+
+def timm_counterpart(name: str, ours: nn.Module, arch: dict[str, Any]) -> Contestant:
+    """timm's model of the same architecture with our weights, and the max |logit difference| to ours."""
+    if name not in TIMM_NAMES:
+        raise TntError(f"{name} has no timm counterpart; --vs timm works for {', '.join(TIMM_NAMES)}")
+    unsupported = sorted(set(arch) - {"depth"})
+    if unsupported:
+        raise TntError(f"--vs timm can only reduce depth, not {', '.join(unsupported)}")
+    from tntcli.models.checkpoints import export_timm
+
+    timm = _import_timm()
+    ref = timm.create_model(TIMM_NAMES[name], pretrained=False, **arch)
+    ref.load_state_dict(export_timm(ours))
+    x = torch.randn(2, 3, ours.cfg.img_size, ours.cfg.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours.eval()(x) - ref.eval()(x)).abs().max().item()
+    return Contestant(name, "timm", ref, diff)
+
+
+def build_contestants(opts: BenchOptions) -> list[Contestant]:
+    out = []
+    for name in opts.models:
+        get_spec(name)
+        ours = create_model(name, **opts.arch)
+        out.append(Contestant(name, "tntcli", ours))
+        if opts.vs_timm:
+            out.append(timm_counterpart(name, ours, opts.arch))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device, x: torch.Tensor,
+              y: torch.Tensor) -> Callable[[], None]:
+    """One inference forward or one training step (forward, cross-entropy, backward, AdamW) of a contestant."""
+    module = c.module.to(device)
+    if opts.grad_checkpointing:
+        if not hasattr(module, "set_grad_checkpointing"):
+            raise TntError(f"{c.model} ({c.impl}) has no activation checkpointing")
+        module.set_grad_checkpointing(True)
+    model = torch.compile(module) if opts.compile else module
+    if mode == "infer":
+        module.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast(device, opts.precision):
+                model(x)
+        return infer
+
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def train() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, opts.precision):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return train
+
+
+def gemm_step(device: torch.device, precision: str, size: int = GEMM_SIZE) -> Callable[[], None]:
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, device=device, generator=g, dtype=PRECISIONS[precision]) for _ in range(2))
+    return lambda: torch.mm(a, b)
+
+
+def timed(fn: Callable[[], None], device: torch.device, iters: int = 1) -> float:
+    """Seconds per call of `fn`, averaged over `iters` calls."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _iters_per_rep(fn: Callable[[], None], device: torch.device, min_seconds: float) -> int:
+    if min_seconds <= 0:
+        return 1
+    return min(MAX_ITERS, max(1, math.ceil(min_seconds / timed(fn, device))))
+
+
+def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> tuple[float | None, str]:
+    """Peak tensor memory (MiB) during one call of `fn`, everything already allocated included, and its source.
+
+    GPU: the CUDA allocator's max_memory_allocated. CPU: PyTorch's profiler memory timeline (tensor allocations,
+    not process RSS, which glibc's caching makes unattributable between contestants); n/a if it is unavailable.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda max_memory_allocated"
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            fn()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+        return max(sum(s) for s in sizes) / 2 ** 20, "profiler memory timeline"
+    except Exception:                                        # private API: report n/a rather than guess
+        return None, "n/a"
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def run_bench(opts: BenchOptions, console: Console | None = None) -> list[dict[str, Any]]:
+    """Time every (model, impl) for each mode, alternating; return one record per (model, impl, mode)."""
+    if opts.precision not in PRECISIONS:
+        raise TntError(f"unknown precision '{opts.precision}'; choose fp32, bf16 or fp16")
+    bad = [m for m in opts.modes if m not in MODES]
+    if bad or not opts.modes:
+        raise TntError(f"unknown mode {bad or opts.modes}; choose infer, train or both")
+    if opts.reps < 1 or opts.batch_size < 1 or opts.warmup < 0:
+        raise TntError("--reps and --batch-size must be at least 1, --warmup at least 0")
+    device = resolve_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    contestants = build_contestants(opts)
+    macs = _gmacs_per_image(contestants)
+    records = []
+    for mode in opts.modes:
+        records += _run_mode(mode, contestants, macs, opts, device, console)
+    return records
+
+
+def _gmacs_per_image(contestants: list[Contestant]) -> dict[str, float | None]:
+    """fvcore forward GMACs of one image through our model (timm's counterpart computes the same function)."""
+    from tntcli.flops import count_macs
+
+    out = {}
+    for c in contestants:
+        if c.impl == "tntcli":
+            try:
+                with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                    out[c.model] = count_macs(c.module, c.module.cfg.img_size).total() / 1e9
+            except Exception:                                # a tracer failure costs a column, not the run
+                out[c.model] = None
+    return out
+
+
+def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | None], opts: BenchOptions,
+              device: torch.device, console: Console | None) -> list[dict[str, Any]]:
+    img = contestants[0].module.cfg.img_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(opts.batch_size, 3, img, img, generator=g).to(device)
+    y = torch.randint(0, contestants[0].module.cfg.num_classes, (opts.batch_size,), generator=g).to(device)
+    steps = {id(c): make_step(c, mode, opts, device, x, y) for c in contestants}
+    gemm = gemm_step(device, opts.precision, opts.gemm_size)
+    iters = {}
+    for c in contestants:                                    # warm-up (and compile), then size each rep
+        for _ in range(opts.warmup):
+            steps[id(c)]()
+        iters[id(c)] = _iters_per_rep(steps[id(c)], device, opts.min_rep_seconds)
+    gemm()
+    gemm_iters = _iters_per_rep(gemm, device, opts.min_rep_seconds)
+    times: dict[int, list[float]] = {id(c): [] for c in contestants}
+    gemm_times = []
+    for rep in range(opts.reps):                             # alternate: a drifting machine load hits all alike
+        if console:
+            console.print(f"[dim]{mode}: rep {rep + 1}/{opts.reps}[/]", highlight=False)
+        for c in contestants:
+            times[id(c)].append(timed(steps[id(c)], device, iters[id(c)]))
+        gemm_times.append(timed(gemm, device, gemm_iters))
+    gemm_gmacs = opts.gemm_size ** 3 / statistics.median(gemm_times) / 1e9
+    records = []
+    for c in contestants:
+        peak, source = peak_memory_mb(steps[id(c)], device) if opts.measure_memory else (None, "off")
+        records.append(_record(c, mode, times[id(c)], peak, source, macs.get(c.model), gemm_gmacs, opts, device))
+        c.module.cpu()                                       # free the device for the next mode's contestants
+    _add_ratios(records)
+    return records
+
+
+def _record(c: Contestant, mode: str, seconds: list[float], peak: float | None, mem_source: str,
+            gmacs: float | None, gemm_gmacs: float, opts: BenchOptions, device: torch.device) -> dict[str, Any]:
+    rates = sorted(opts.batch_size / s for s in seconds)
+    median = statistics.median(rates)
+    achieved = None if gmacs is None else gmacs * median * (TRAIN_MAC_FACTOR if mode == "train" else 1)
+    return {
+        "time": dt.datetime.now().isoformat(timespec="seconds"), "model": c.model, "impl": c.impl, "mode": mode,
+        "batch": opts.batch_size, "precision": opts.precision, "compile": opts.compile,
+        "grad_checkpointing": opts.grad_checkpointing, "arch": ",".join(f"{k}={v}" for k, v in opts.arch.items()),
+        "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "reps": len(seconds), "img_per_s": round(median, 3),
+        "img_per_s_min": round(rates[0], 3), "img_per_s_max": round(rates[-1], 3),
+        "spread": round((rates[-1] - rates[0]) / median, 3), "vs_timm": None,
+        "peak_mem_mb": None if peak is None else round(peak, 1), "mem_source": mem_source,
+        "gmacs_per_img": None if gmacs is None else float(f"{gmacs:.6g}"),
+        "achieved_gmacs_per_s": None if achieved is None else float(f"{achieved:.4g}"),
+        "gemm_size": opts.gemm_size, "gemm_gmacs_per_s": float(f"{gemm_gmacs:.4g}"),
+        "frac_of_gemm": None if achieved is None else float(f"{achieved / gemm_gmacs:.4g}"),
+        "max_abs_diff_vs_ours": c.max_abs_diff,
+    }
+
+
+def _add_ratios(records: list[dict[str, Any]]) -> None:
+    """Ours / timm throughput for each model that has both (same mode, same run)."""
+    timm_rate = {r["model"]: r["img_per_s"] for r in records if r["impl"] == "timm"}
+    for r in records:
+        if r["impl"] == "tntcli" and r["model"] in timm_rate:
+            r["vs_timm"] = round(r["img_per_s"] / timm_rate[r["model"]], 3)
+
+
+# ----------------------------------------------------------------------------------------------- output
+def append_csv(records: list[dict[str, Any]], folder: str | os.PathLike, name: str = "bench.csv") -> Path:
+    """Append rows to folder/bench.csv under the folder lock, rewriting atomically (new columns are merged)."""
+    path = Path(folder) / name
+    with locked(folder):
+        old = pd.read_csv(path) if path.exists() else pd.DataFrame()
+        df = pd.concat([old, pd.DataFrame(records)], ignore_index=True)
+        return atomic_write_text(path, df.to_csv(index=False))
+
+
+def _fmt(value, spec: str = "", none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def print_table(records: list[dict[str, Any]], console: Console) -> None:
+    first = records[0]
+    table = Table(title=f"{first['device_name']}, torch {first['torch']}, batch {first['batch']}, "
+                        f"{first['precision']}, compile {'on' if first['compile'] else 'off'}, "
+                        f"{first['threads']} threads, median of {first['reps']} reps")
+    for col in ("model", "impl", "mode", "img/s", "min-max", "x timm", "peak MiB", "GMAC/s", "of GEMM", "Δ logits"):
+        table.add_column(col, justify="left" if col in ("model", "impl", "mode") else "right")
+    for r in records:
+        table.add_row(r["model"], r["impl"], r["mode"], f"{r['img_per_s']:.2f}",
+                      f"{r['img_per_s_min']:.2f}-{r['img_per_s_max']:.2f}", _fmt(r["vs_timm"], ".2f", "–"),
+                      _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["achieved_gmacs_per_s"], ".1f"),
+                      _fmt(r["frac_of_gemm"], ".1%"), _fmt(r["max_abs_diff_vs_ours"], ".1e", "–"))
+    console.print(table)
+    console.print(f"GEMM {first['gemm_size']}^3 {first['precision']}: {first['gemm_gmacs_per_s']:.1f} GMAC/s in the "
+                  f"same run. Train GMAC/s counts {TRAIN_MAC_FACTOR}x the forward MACs. Peak memory: {first['mem_source']}.")
