@@ -1,12 +1,19 @@
-"""Shared test fixtures. Data-layer part: tiny generated image folders and the `ffcv` marker policy."""
+"""Shared test fixtures: one torch thread, tiny generated image folders and the `ffcv` marker policy."""
 from __future__ import annotations
 
 import os
+
+# The test models are tiny: one thread per process costs nothing and avoids the 5-10x slowdown of
+# oversubscribed cores when subprocess tests (torchrun, kill/resume) run beside the main process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------ data layer

@@ -349,7 +349,8 @@ def main() -> None:
         sys.exit(130)
     except Exception as err:
         if hasattr(err, "format_message") and hasattr(err, "exit_code"):  # click usage errors (typer vendors click)
-            err_console.print(f"[bold red]error:[/] {err.format_message()} (see `tnt --help`)")
+            if err.format_message():                     # empty for `tnt` alone, which has printed the help
+                err_console.print(f"[bold red]error:[/] {err.format_message()} (see `tnt --help`)")
             sys.exit(err.exit_code)
         raise
     sys.exit(code if isinstance(code, int) else 0)

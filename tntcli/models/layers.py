@@ -110,7 +110,7 @@ class TransformerLayer(nn.Module):
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
     """The stochastic depth rule of DeiT and TNT: linear from 0 at the first block to `rate` at the last."""
-    return [x.item() for x in torch.linspace(0, rate, depth)]
+    return [x.item() for x in torch.linspace(0, rate, depth, device="cpu")]  # cpu: also under torch.device("meta")
 
 
 def init_vit_weights(model: nn.Module) -> None:

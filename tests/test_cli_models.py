@@ -1,0 +1,92 @@
+"""`tnt flops` on the command line: the tables it writes and the one-line errors of `main()`."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tntcli.cli import app
+from tntcli.errors import TntError
+from tntcli.flops import PAPER_MODELS
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def tnt(*args: str):
+    """Run the typer app in-process and expect success."""
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_flops_writes_a_csv_and_a_markdown_table(tmp_path):
+    result = tnt("flops", "--model", "tnt-s", "--out", str(tmp_path))
+    df = pd.read_csv(tmp_path / "flops.csv")
+    assert {"model", "params_m", "gmacs", "paper_params_m", "paper_gmacs"} <= set(df.columns)
+    row = df.iloc[0]
+    assert row.model == "tnt-s" and len(df) == 1
+    assert row.params_m == pytest.approx(23.77, rel=0.01) and row.gmacs == pytest.approx(5.245, rel=0.01)
+    assert (row.paper_params_m, row.paper_gmacs) == (23.8, 5.2)
+    md = (tmp_path / "flops.md").read_text()
+    assert md.startswith("# Params and GMACs at 224px") and "| tnt-s " in md and "paper's printed figures" in md
+    assert "tnt-s" in result.output and "flops.csv" in result.output
+
+
+def test_flops_at_another_resolution_writes_its_own_files_without_paper_figures(tmp_path):
+    tnt("flops", "--model", "tnt-ti", "--img-size", "384", "--out", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("flops*")) == ["flops-384.csv", "flops-384.md"]
+    row = pd.read_csv(tmp_path / "flops-384.csv").iloc[0]
+    assert row.img_size == 384 and row.gmacs > 3 * 1.418
+    assert pd.isna(row.paper_params_m) and pd.isna(row.paper_gmacs)
+
+
+def test_flops_by_module_prints_where_the_macs_go(tmp_path):
+    result = tnt("flops", "--model", "tnt-ti", "--by-module", "--out", str(tmp_path))
+    assert "tnt-ti: GMACs by module (224px)" in result.output
+    assert "blocks.*.inner" in result.output and "blocks.*.outer" in result.output
+
+
+def test_repeating_a_model_gives_one_row(tmp_path):
+    tnt("flops", "-m", "tnt-ti", "-m", "deit-ti", "-m", "tnt-ti", "--out", str(tmp_path))
+    assert pd.read_csv(tmp_path / "flops.csv").model.tolist() == ["tnt-ti", "deit-ti"]
+
+
+@pytest.mark.slow
+def test_flops_all_agrees_with_the_paper_to_its_printed_precision(tmp_path):
+    tnt("flops", "--all", "--out", str(tmp_path))
+    df = pd.read_csv(tmp_path / "flops.csv")
+    assert df.model.tolist() == PAPER_MODELS
+    assert ((df.gmacs - df.paper_gmacs).abs() <= 0.05).all()          # the paper prints one decimal
+    assert (df.params_rel_diff.abs() <= 0.01).all()
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("args, message", [
+    ([], "name a model with --model"),
+    (["--model", "tnt-s", "--img-size", "100"], "img_size 100 must be a positive multiple of the patch size 16"),
+], ids=["no model", "bad img size"])
+def test_user_mistakes_raise_a_tnt_error_before_writing_anything(tmp_path, args, message):
+    result = runner.invoke(app, ["flops", *args, "--out", str(tmp_path)])
+    assert isinstance(result.exception, TntError) and message in str(result.exception)
+    assert not list(tmp_path.iterdir())
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """The installed entry point, `main()`, which turns user errors into one line on stderr and exit code 2."""
+    return subprocess.run([sys.executable, "-m", "tntcli.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tnt-xl"], "unknown model 'tnt-xl'; choose one of: tnt-ti, tnt-s, tnt-b"),
+    (["--bogus"], "No such option: --bogus"),
+], ids=["unknown model", "unknown option"])
+def test_main_prints_one_error_line_without_traceback_and_exits_2(tmp_path, args, message):
+    proc = run_main("flops", *args, "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
