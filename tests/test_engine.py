@@ -15,8 +15,8 @@ import torch
 
 from tntcli.config import build_config
 from tntcli.engine import train as train_mod
-from tntcli.engine.train import Preempted, StopFlag, train
-from tntcli.errors import TntError
+from tntcli.engine.train import StopFlag, train
+from tntcli.errors import Preempted, TntError
 
 TINY_ARCH = {"depth": 1, "patch_size": 8, "inner_stride": 4, "dim": 32, "heads": 2, "word_dim": 8, "inner_heads": 2}
 

@@ -16,8 +16,7 @@ import torch
 import yaml
 
 from tntcli.engine.checkpoint import load_verified, save_verified
-from tntcli.engine.train import EXIT_PREEMPTED
-from tntcli.errors import TntError
+from tntcli.errors import EXIT_PREEMPTED, TntError
 from tntcli.results import atomic_write_text, locked
 
 from test_engine import TINY_ARCH

@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from tntcli.errors import TntError
+from tntcli.errors import EXIT_PREEMPTED, Preempted, TntError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transformer in Transformer: train, evaluate, count FLOPs and ablate TNT vs DeiT.")
@@ -56,7 +56,7 @@ def train(
 ):
     """Train a model with the paper's recipe (or a YAML recipe); flags override recipe keys."""
     from tntcli.config import build_config, load_recipe
-    from tntcli.engine.train import EXIT_PREEMPTED, Preempted, resume_config
+    from tntcli.engine.train import resume_config
     from tntcli.engine.train import train as run_training
 
     overrides = _overrides({"model.name": model, "data.data": data, "data.data_root": data_root,
@@ -69,11 +69,7 @@ def train(
         cfg = resume_config(resume, overrides)
     else:
         cfg = build_config(load_recipe(recipe), overrides)
-    try:
-        summary = run_training(cfg, out=out, resume=resume, overwrite=overwrite, console=console)
-    except Preempted as stop:
-        Console(stderr=True).print(str(stop), highlight=False)
-        raise typer.Exit(EXIT_PREEMPTED)
+    summary = run_training(cfg, out=out, resume=resume, overwrite=overwrite, console=console)
     console.print(f"done: best top-1 {summary['best_top1']:.2f}% ({summary['best_source']}, epoch "
                   f"{summary['best_epoch']}), final top-1 {summary['final_top1']:.2f}%")
 
@@ -174,7 +170,6 @@ def transfer(
 ):
     """Fine-tune a pretrained TNT/DeiT on a downstream dataset: new head, resized position embedding (Table 9)."""
     from tntcli import transfer as transfer_lib
-    from tntcli.engine.train import EXIT_PREEMPTED, Preempted
 
     if table:
         console.print(f"wrote {', '.join(str(p) for p in transfer_lib.write_transfer_table(runs, results))}")
@@ -184,12 +179,8 @@ def transfer(
                             "optim.lr": lr, "data.workers": workers, "train.max_steps": max_steps, "train.seed": seed,
                             "model.freeze_backbone": freeze_backbone or None, "optim.layer_decay": layer_decay,
                             "optim.backbone_lr_scale": backbone_lr_scale}, sets)
-    try:
-        summary = transfer_lib.run_transfer(checkpoint, recipe=recipe, overrides=overrides, out=out, resume=resume,
-                                            overwrite=overwrite, console=console)
-    except Preempted as stop:
-        Console(stderr=True).print(str(stop), highlight=False)
-        raise typer.Exit(EXIT_PREEMPTED)
+    summary = transfer_lib.run_transfer(checkpoint, recipe=recipe, overrides=overrides, out=out, resume=resume,
+                                        overwrite=overwrite, console=console)
     console.print(transfer_lib.summary_line(summary))
 
 
@@ -225,7 +216,6 @@ def ablate(
     """Train the baseline and the paper's ablation variants under one recipe, seed and data; write a comparison."""
     from tntcli import ablate as ablate_lib
     from tntcli.config import build_config, load_recipe
-    from tntcli.engine.train import EXIT_PREEMPTED, Preempted
 
     base = build_config(load_recipe(recipe), _overrides(
         {"model.name": model, "data.data": data, "data.data_root": data_root, "train.epochs": epochs,
@@ -236,8 +226,7 @@ def ablate(
         ablate_lib.run(base, flags, runs=runs, out=out, name=name, dry_run=dry_run, timing_steps=timing_steps,
                        recipe=recipe, console=console)
     except Preempted as stop:
-        Console(stderr=True).print(f"{stop}; rerun the same `tnt ablate` command to resume", highlight=False)
-        raise typer.Exit(EXIT_PREEMPTED)
+        raise Preempted(f"{stop}; or rerun the same `tnt ablate` command to resume") from None
 
 
 @app.command("results")
@@ -342,6 +331,9 @@ def main() -> None:
     except TntError as err:
         err_console.print(f"[bold red]error:[/] {err}")
         sys.exit(2)
+    except Preempted as stop:                    # checkpoint saved: a cluster requeues on this exit code
+        err_console.print(str(stop))
+        sys.exit(EXIT_PREEMPTED)
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except (typer.Abort, KeyboardInterrupt):

@@ -3,3 +3,10 @@
 
 class TntError(Exception):
     """Bad input (unknown name, missing path, wrong checkpoint...). The message is shown to the user as is."""
+
+
+EXIT_PREEMPTED = 75          # EX_TEMPFAIL: stopped by a signal after saving; requeue with --resume
+
+
+class Preempted(Exception):
+    """Training stopped by SIGTERM/SIGINT once the current step finished and the checkpoint was saved."""

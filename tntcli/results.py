@@ -4,29 +4,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a temp file beside `path`, fsync, rename: a reader sees the old or the new file, whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)                       # mkstemp's 0600 would hide results from group members
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from tntcli.fsio import atomic_write_text  # noqa: F401  (the results writers' one way to write)
 
 
 @contextlib.contextmanager

@@ -28,19 +28,12 @@ from tntcli.engine import distributed
 from tntcli.engine.checkpoint import load_verified, rng_state, save_verified, seed_everything, set_rng_state
 from tntcli.engine.evaluate import evaluate
 from tntcli.engine.progress import Reporter
-from tntcli.errors import TntError
+from tntcli.errors import Preempted, TntError
 from tntcli.models.checkpoints import load_pretrained, model_record
 from tntcli.models.registry import build_model, get_spec, model_config
 from tntcli.results import atomic_write_text
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "ema_top1", "img_per_s", "seconds"]
-EXIT_PREEMPTED = 75          # EX_TEMPFAIL: the job was stopped by a signal and can be requeued with --resume
-
-
-class Preempted(Exception):
-    """Raised after a SIGTERM/SIGINT once the current step has finished and the checkpoint is saved."""
-
-
 # ----------------------------------------------------------------------------------------------- run folder
 def prepare_run_dir(cfg: RunConfig, out: Path | None, overwrite: bool) -> Path:
     if out is None:

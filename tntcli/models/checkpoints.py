@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tntcli.errors import TntError
+from tntcli.fsio import atomic_write
 from tntcli.models import deit, tnt
 from tntcli.models.registry import (MODELS, build_model, config_from_dict, config_to_dict, model_config,
                                     validate_config)
@@ -207,21 +207,7 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, *, ema: bo
 
 # ------------------------------------------------------------------------------------------------ writing
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)                       # mkstemp's 0600 would hide results from group members
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def model_record(model: nn.Module, name: str, ema: nn.Module | None = None) -> dict[str, Any]:
