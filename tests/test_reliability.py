@@ -135,3 +135,20 @@ def test_concurrent_results_writers_lose_no_row(tmp_path):
     table = pd.read_csv(tmp_path / "table.csv")
     assert len(table) == 60 and sorted(table.groupby("worker").size().tolist()) == [20, 20, 20]
     assert not list(tmp_path.glob(".*.tmp"))                   # no temp file left behind
+
+
+def test_a_truncated_image_is_skipped_with_a_warning_or_stops_the_run_under_strict(tmp_path):
+    from conftest import make_image_folder
+    from test_engine import tiny_config
+
+    from tntcli.engine.train import train
+
+    data = make_image_folder(tmp_path / "imgs", per_class=(12, 4))
+    bad = data / "train" / "cat" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])                     # a download cut short
+    settings = {"data.data": str(data), "data.max_train_images": None, "data.batch_size": 8, "train.epochs": 1}
+    with pytest.warns(UserWarning, match="0.jpg"):
+        summary = train(tiny_config(**settings), out=tmp_path / "lenient")
+    assert summary["status"] == "completed"
+    with pytest.raises(TntError, match="0.jpg"):
+        train(tiny_config(**settings, **{"data.strict": True}), out=tmp_path / "strict")

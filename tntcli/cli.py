@@ -49,6 +49,7 @@ def train(
     amp: Optional[str] = typer.Option(None, "--amp", help="auto, bf16, fp16 or off."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
+    strict: Optional[bool] = typer.Option(None, "--strict", help="Unreadable images are an error, not a skip."),
     sets: List[str] = typer.Option([], "--set", help="Any recipe key: --set optim.weight_decay=0.1 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<model>-<time>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
@@ -62,7 +63,8 @@ def train(
     overrides = _overrides({"model.name": model, "data.data": data, "data.data_root": data_root,
                             "train.epochs": epochs, "data.batch_size": batch_size, "optim.lr": lr,
                             "model.img_size": img_size, "data.workers": workers, "train.seed": seed,
-                            "train.amp": amp, "train.compile": compile_, "train.max_steps": max_steps}, sets)
+                            "train.amp": amp, "train.compile": compile_, "train.max_steps": max_steps,
+                            "data.strict": strict}, sets)
     if resume is not None:
         if recipe is not None or out is not None:
             raise TntError("--resume continues a run with its saved recipe; drop --recipe/--out")

@@ -41,6 +41,7 @@ class DataSection:
     crop_pct: float | None = None
     max_train_images: int | None = None  # subsample the train set (quick experiments)
     augment: bool = True                 # false: no augmentation at all (debugging, exactness checks)
+    strict: bool = False                 # an unreadable image stops the run instead of being skipped
 
 
 @dataclass

@@ -175,7 +175,8 @@ def _train(cfg, out, resume, overwrite, env, stop, console) -> dict[str, Any]:
         crop_pct=cfg.data.crop_pct or spec.crop_pct, interpolation=spec.interpolation,
         aug=cfg.aug if cfg.data.augment else None,
         distributed=env.enabled, repeated_aug=cfg.train.repeated_aug if env.enabled else 1, device=env.device,
-        seed=cfg.train.seed, drop_last=True, max_train_images=cfg.data.max_train_images)
+        seed=cfg.train.seed, drop_last=True, max_train_images=cfg.data.max_train_images,
+        strict=cfg.data.strict)
     try:
         return _run(cfg, run_dir, state, loaders, spec, img_size, arch, env, stop, reporter)
     finally:
