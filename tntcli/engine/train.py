@@ -156,8 +156,15 @@ def train(cfg: RunConfig, *, out: Path | None = None, resume: Path | None = None
 
 def _train(cfg, out, resume, overwrite, env, stop, console) -> dict[str, Any]:
     # --- run folder: new (refusing to clobber) or resumed ------------------------------------------------
-    run_dir = resume if resume is not None else (prepare_run_dir(cfg, out, overwrite) if env.is_main else None)
-    run_dir = distributed.broadcast_object(run_dir, env)   # every rank uses the folder rank 0 chose
+    run_dir, problem = resume, None
+    if resume is None and env.is_main:
+        try:
+            run_dir = prepare_run_dir(cfg, out, overwrite)
+        except TntError as err:
+            problem = str(err)
+    run_dir, problem = distributed.broadcast_object((run_dir, problem), env)  # rank 0 chose; all ranks agree
+    if problem:
+        raise TntError(problem)
     state = load_verified(run_dir / "last.pt")[0] if resume is not None else None
     if env.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -166,8 +173,8 @@ def _train(cfg, out, resume, overwrite, env, stop, console) -> dict[str, Any]:
     # --- data ---------------------------------------------------------------------------------------------
     spec = get_spec(cfg.model.name)
     arch = dict(cfg.model.arch)
-    img_size = cfg.model.img_size or arch.pop("img_size", None) or 224
-    arch.pop("img_size", None)
+    arch_img_size = arch.pop("img_size", None)                # model.img_size wins over an arch override
+    img_size = cfg.model.img_size or arch_img_size or 224
     seed_everything(cfg.train.seed)
     loaders = build_loaders(
         cfg.data.data, data_root=cfg.data.data_root, img_size=img_size, batch_size=cfg.data.batch_size,
