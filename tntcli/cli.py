@@ -243,7 +243,6 @@ def results_(
 
 
 # ------------------------------------------------------------------------------------------------ data
-# BEGIN data commands (owned by the data layer: tntcli/data)
 data_app = typer.Typer(no_args_is_help=True, help="Write FFCV .beton files and benchmark the loaders.")
 app.add_typer(data_app, name="data")
 
@@ -287,10 +286,9 @@ def data_bench(
     result = bench.run_bench(data, data_root=data_root, img_size=img_size, batch_size=batch_size, workers=workers,
                              repeats=repeats, epochs=epochs, rand_augment=rand_augment, cache_dir=cache)
     bench.print_result(result, console)
-# END data commands
 
 
-# BEGIN bench command (owned by the throughput benchmark: tntcli/bench.py)
+# ----------------------------------------------------------------------------------------------- bench
 @app.command("bench")
 def bench_(
     model: List[str] = typer.Option(["tnt-s"], "--model", "-m", help="Model name (repeatable)."),
@@ -322,7 +320,6 @@ def bench_(
     records = bench.run_bench(opts, console=console)
     bench.print_table(records, console)
     console.print(f"appended {len(records)} rows to {bench.append_csv(records, results)}")
-# END bench command
 
 
 def main() -> None:
