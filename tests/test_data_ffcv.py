@@ -112,11 +112,20 @@ def test_failed_write_leaves_no_file(tmp_path, written, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_write_creates_a_missing_output_folder(tmp_path, written):
+    from tntcli.data.ffcv import write_beton
+
+    paths = write_beton(str(written[0] / "val"), tmp_path / "new" / "deeper" / "v.beton", num_workers=1,
+                        progress=False)
+    assert [p.name for p in paths] == ["v.beton"] and paths[0].is_file()
+
+
 def test_write_errors(tmp_path, written):
     from tntcli.data.ffcv import write_beton
 
-    with pytest.raises(TntError, match="does not exist"):
-        write_beton(str(written[0]), tmp_path / "no" / "x.beton")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TntError, match="cannot create output folder"):
+        write_beton(str(written[0]), tmp_path / "a-file" / "x.beton")
     with pytest.raises(TntError, match="must end with .beton"):
         write_beton(str(written[0]), tmp_path / "x.ffcv")
     with pytest.raises(TntError, match="neither"):

@@ -90,10 +90,12 @@ def write_beton(src: str, out: str | os.PathLike, *, max_resolution: int | None 
         raise TntError(f"output {out} must end with .beton")
     if write_mode not in WRITE_MODES:
         raise TntError(f"write_mode {write_mode!r}: expected one of {', '.join(WRITE_MODES)}")
-    if not out.parent.is_dir():
-        raise TntError(f"output folder {out.parent} does not exist")
     splits = _source_splits(src, data_root, strict)  # user mistakes first: importing ffcv takes seconds
     require_ffcv()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TntError(f"cannot create output folder {out.parent}: {err.strerror}") from None
     targets = beton_pair(out) if len(splits) == 2 else (out,)
     written = []
     for (_, dataset, classes), path in zip(splits, targets):
