@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -48,14 +49,6 @@ def comparable(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "metrics.csv").drop(columns=["img_per_s", "seconds"])
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "training ended before the first checkpoint"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("reference")
@@ -64,19 +57,38 @@ def reference_run(tmp_path_factory) -> Path:
     return run
 
 
+STEPS_PER_EPOCH = 6                                             # 192 images / batch 32
+
+
+def wait_for_step(run: Path, proc: subprocess.Popen, target: int, timeout: float = 120) -> None:
+    """Poll the checkpoint (saved every step) until training has passed global step `target`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before the target step"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                record, _ = load_verified(run / "last.pt")
+            if record["epoch"] * STEPS_PER_EPOCH + record["step_in_epoch"] >= target:
+                return
+        except TntError:                                         # not written yet
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"step {target} never reached")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference_run, tmp_path, seed):
     run = tmp_path / "run"
     proc = start_training(tmp_path, run)
-    wait_for(run / "last.pt", proc)
-    time.sleep(random.Random(seed).uniform(0.0, 3.0))          # somewhere in the 18 steps that follow
+    wait_for_step(run, proc, random.Random(seed).randint(1, 15))  # of 18 steps
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     record, source = load_verified(run / "last.pt")             # whatever the moment, a readable checkpoint
     assert source.name in ("last.pt", "last.prev.pt")
-    if record["epoch"] < 3:
-        assert finish(start_training(tmp_path, run, "resume")) == 0
+    assert record["epoch"] < 3, "the kill landed after training had finished"
+    assert finish(start_training(tmp_path, run, "resume")) == 0
     pd.testing.assert_frame_equal(comparable(run), comparable(reference_run))
 
 
@@ -85,12 +97,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference_run, tm
 def test_preemption_signal_saves_exits_with_its_code_and_resumes(reference_run, tmp_path, sig):
     run = tmp_path / "run"
     proc = start_training(tmp_path, run)
-    wait_for(run / "last.pt", proc)
+    wait_for_step(run, proc, 2)
     proc.send_signal(sig)
-    code = finish(proc)
-    if code == 0:                                               # finished before the signal landed
-        pytest.skip("run ended before the signal")
-    assert code == EXIT_PREEMPTED
+    assert finish(proc) == EXIT_PREEMPTED
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert finish(start_training(tmp_path, run, "resume")) == 0
     pd.testing.assert_frame_equal(comparable(run), comparable(reference_run))
