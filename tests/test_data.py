@@ -253,3 +253,13 @@ def test_cli_reports_a_bad_source_in_one_line(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no such file or folder" in err and "Traceback" not in err
+
+
+def test_eval_only_reads_val_and_leaves_train_files_unchecked(image_folder):
+    (image_folder / "train" / "cat" / "0.jpg").write_bytes(b"not a jpeg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # no warning: train/ was not scanned
+        source = resolve_source(str(image_folder), eval_only=True)
+    assert source.train is source.val and source.classes == ["cat", "dog", "emu"]
+    with pytest.warns(UserWarning, match="0.jpg"):
+        resolve_source(str(image_folder))

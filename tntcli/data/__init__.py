@@ -51,10 +51,11 @@ def build_loaders(data: str, *, data_root: str | None = None, img_size: int, bat
                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct: float = 0.9, interpolation: str = "bicubic",
                   aug: AugmentSettings | None = None, distributed: bool = False, repeated_aug: int = 1,
                   device: str | torch.device = "cpu", seed: int = 0, drop_last: bool = True,
-                  max_train_images: int | None = None, strict: bool = False) -> Loaders:
+                  max_train_images: int | None = None, strict: bool = False, eval_only: bool = False) -> Loaders:
     """Loaders for `--data` (see `tntcli.data.sources`). `aug=None`: no augmentation at all (resize + center
     crop for train too, batch_augment passes through). `.beton` data uses FFCV; everything else torchvision.
-    `strict`: an unreadable image is an error instead of a skip with a warning."""
+    `strict`: an unreadable image is an error instead of a skip with a warning. `eval_only`: only `val` will
+    be read (an image folder's train/ is not scanned; `train` then iterates the val images)."""
     from tntcli.data.pipelines import world_and_rank
     from tntcli.errors import TntError
 
@@ -62,7 +63,7 @@ def build_loaders(data: str, *, data_root: str | None = None, img_size: int, bat
         raise TntError(f"bad loader settings: img_size={img_size}, batch_size={batch_size}, workers={workers}, "
                        f"crop_pct={crop_pct} (crop_pct must be in (0, 1])")
     device = torch.device(device)
-    source = resolve_source(data, data_root, strict=strict)
+    source = resolve_source(data, data_root, strict=strict, eval_only=eval_only)
     settings = dict(img_size=img_size, batch_size=batch_size, workers=workers, mean=mean, std=std,
                     crop_pct=crop_pct, aug=aug, distributed=distributed, repeated_aug=repeated_aug,
                     device=device, seed=seed, drop_last=drop_last, max_train_images=max_train_images)

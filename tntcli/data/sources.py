@@ -64,8 +64,12 @@ class DataSource:
         return self.kind == "ffcv"
 
 
-def resolve_source(data: str, data_root: str | None = None, *, strict: bool = False) -> DataSource:
-    """Turn a `--data` value into a `DataSource` (see the module docstring); user mistakes raise `TntError`."""
+def resolve_source(data: str, data_root: str | None = None, *, strict: bool = False,
+                   eval_only: bool = False) -> DataSource:
+    """Turn a `--data` value into a `DataSource` (see the module docstring); user mistakes raise `TntError`.
+
+    `eval_only`: the caller reads the val split alone, so an image folder's train/ files are not checked (at
+    ImageNet scale that scan is the slow part of start-up); `train` then aliases `val`."""
     if not data:
         raise TntError("--data is empty: give a folder with train/ and val/, a .beton, digits or one of "
                        + ", ".join(NAMED_DATASETS))
@@ -75,7 +79,7 @@ def resolve_source(data: str, data_root: str | None = None, *, strict: bool = Fa
         return digits_source()
     if data.lower() in NAMED_DATASETS:
         return torchvision_source(data.lower(), data_root or "./data")
-    return folder_source(data, strict=strict)
+    return folder_source(data, strict=strict, eval_only=eval_only)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -201,7 +205,7 @@ def warn_skipped(skipped: list[str], where: str) -> None:
                   f"{shown}", stacklevel=3)
 
 
-def folder_source(data: str, *, strict: bool = False) -> DataSource:
+def folder_source(data: str, *, strict: bool = False, eval_only: bool = False) -> DataSource:
     root = Path(data).expanduser()
     if not root.exists():
         raise TntError(f"--data {data}: no such file or folder (expected a folder with train/ and val/, "
@@ -220,8 +224,10 @@ def folder_source(data: str, *, strict: bool = False) -> DataSource:
         only_val = sorted(set(val_classes) - set(train_classes))
         raise TntError(f"train/ and val/ under {data} list different classes: only in train: {only_train or '-'}; "
                        f"only in val: {only_val or '-'}")
-    train, skipped_train = scan_class_folders(root / "train", strict=strict, classes=train_classes)
+    train, skipped_train = (None, []) if eval_only else scan_class_folders(root / "train", strict=strict,
+                                                                           classes=train_classes)
     val, skipped_val = scan_class_folders(root / "val", strict=strict, classes=train_classes)
+    train = val if eval_only else train
     skipped = skipped_train + skipped_val
     warn_skipped(skipped, str(root))
     return DataSource("folder", data, train_classes, train=train, val=val, skipped=skipped)

@@ -72,7 +72,7 @@ def run_eval(*, model_name: str | None, checkpoint: str, data: str, data_root: s
     loaders = build_loaders(data, data_root=data_root, img_size=model.cfg.img_size, batch_size=batch_size,
                             workers=workers, mean=tuple(mean or spec.mean), std=tuple(std or spec.std),
                             crop_pct=crop_pct or spec.crop_pct, interpolation=spec.interpolation, aug=None,
-                            device=device, drop_last=False)
+                            device=device, drop_last=False, eval_only=True)
     try:
         if loaders.num_classes != model.cfg.num_classes:
             raise TntError(f"the checkpoint classifies {model.cfg.num_classes} classes but {data} has "
