@@ -30,14 +30,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tntcli.config import RunConfig, build_config
+from tntcli.config import RunConfig, build_config, run_model_config
 from tntcli.engine.train import train
 from tntcli.errors import TntError
 from tntcli.flops import count_macs, trainable_params
-from tntcli.models.registry import build_model, get_spec, model_config
+from tntcli.models.registry import build_model, get_spec
 from tntcli.models.tnt import TNTConfig
 from tntcli.paper import paper_figures
-from tntcli.results import (ABLATION_MARKER, _pyplot, atomic_write_text, draw_top1_vs_gmacs, plot_training_curves,
+from tntcli.results import (ABLATION_MARKER, pyplot, atomic_write_text, draw_top1_vs_gmacs, plot_training_curves,
                             read_run, save_figure, write_table)
 
 FLAG_NAMES = "--no-inner, --inner-blocks, --no-word-pos, --no-sentence-pos, --inner-heads, --words or --se"
@@ -91,13 +91,7 @@ def _ints(flag: str, text: str) -> list[int]:
     return values
 
 
-def model_cfg(cfg: RunConfig, num_classes: int = 1000):
-    """The model a RunConfig builds (same resolution of img_size as the training engine)."""
-    arch = dict(cfg.model.arch)
-    img_size = cfg.model.img_size or arch.pop("img_size", None) or 224
-    arch.pop("img_size", None)
-    return model_config(cfg.model.name, img_size=img_size, num_classes=num_classes,
-                        drop_path_rate=cfg.model.drop_path, **arch)
+model_cfg = run_model_config        # the model a variant's RunConfig builds, as the engine builds it
 
 
 def _base_text(name: str, c: TNTConfig) -> str:
@@ -376,7 +370,7 @@ def _footnotes(variants: list[Variant], df: pd.DataFrame, recipe: str | None) ->
 def plot_ablation(df: pd.DataFrame, stem: Path, title: str) -> list[Path]:
     """Left: our top-1 vs GMACs per variant. Right: top-1 change vs baseline, ours beside the paper's (the paper
     prints no GMACs for its ablation variants, so its points cannot share the left axes)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_pts, ax_delta) = plt.subplots(1, 2, figsize=(11, 4.2))
     draw_top1_vs_gmacs(ax_pts, {"ours": [(r.variant, r.gmacs, r.top1) for r in df.itertuples()]}, log_x=False)
     ax_pts.set_title("ours: top-1 vs GMACs", fontsize=10)

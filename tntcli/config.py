@@ -228,5 +228,16 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     return build_config(d)
 
 
+def run_model_config(cfg: RunConfig, num_classes: int = 1000):
+    """The model config a run builds: the named model with `model.arch` overrides; `model.img_size` wins over an
+    `arch` img_size, 224 when neither is set. The engine, `tnt ablate` and `tnt transfer` all build through this."""
+    from tntcli.models.registry import model_config
+
+    arch = dict(cfg.model.arch)
+    arch_img_size = arch.pop("img_size", None)
+    return model_config(cfg.model.name, img_size=cfg.model.img_size or arch_img_size or 224,
+                        num_classes=num_classes, drop_path_rate=cfg.model.drop_path, **arch)
+
+
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -36,7 +36,7 @@ def write_table(df: pd.DataFrame, folder: str | os.PathLike, stem: str, title: s
                 atomic_write_text(folder / f"{stem}.md", "\n".join(md).rstrip() + "\n")]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")                      # files only, no display needed
@@ -61,7 +61,7 @@ def save_figure(fig, stem: str | os.PathLike) -> list[Path]:
 
 def plot_training_curves(histories: dict[str, list[dict]], stem: str | os.PathLike) -> list[Path]:
     """Train loss and val top-1 per epoch for one or more runs (label -> metrics rows)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, rows in histories.items():
         df = pd.DataFrame(rows)
@@ -104,7 +104,7 @@ def draw_top1_vs_gmacs(ax, series: dict[str, list[tuple[str, float, float]]], lo
 
 def plot_top1_vs_gmacs(series: dict[str, list[tuple[str, float, float]]], stem: str | os.PathLike,
                        title: str) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6))
     draw_top1_vs_gmacs(ax, series)
     ax.set_title(title, fontsize=10)

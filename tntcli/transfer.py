@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 import yaml
 
-from tntcli.config import RECIPE_DIR, RunConfig, build_config, load_recipe
+from tntcli.config import RECIPE_DIR, RunConfig, build_config, load_recipe, run_model_config
 from tntcli.data.sources import NAMED_DATASETS, list_class_folders, resolve_source
 from tntcli.errors import TntError
 from tntcli.models.checkpoints import (OURS, guess_model_name, load_weights, read_checkpoint, to_ours,
@@ -71,17 +71,9 @@ def transfer_config(checkpoint: str | Path, *, recipe: str | None = None,
     return cfg
 
 
-def _model_config(cfg: RunConfig, num_classes: int = 1000):
-    """The model the engine will build for `cfg` (same img_size rule as the engine)."""
-    arch = dict(cfg.model.arch)
-    img_size = cfg.model.img_size or arch.pop("img_size", None) or 224
-    arch.pop("img_size", None)
-    return model_config(cfg.model.name, img_size=img_size, num_classes=num_classes, **arch)
-
-
 def check_fits(cfg: RunConfig, sd: dict[str, torch.Tensor], source: str) -> None:
     """Load `sd` as the engine will (new head, resized position embedding) into a shapes-only model."""
-    model_cfg = _model_config(cfg)               # an img_size off the patch grid is a TntError here
+    model_cfg = run_model_config(cfg)             # an img_size off the patch grid is a TntError here
     with torch.device("meta"):                    # no memory, no init: only the shapes are checked
         model = build_model(model_cfg)
     with warnings.catch_warnings():               # "copying into a meta parameter is a no-op": that is the point
@@ -127,7 +119,7 @@ def run_transfer(checkpoint: str | Path | None, *, recipe: str | None = None, ov
         raise TntError("--checkpoint is required: the pretrained weights to fine-tune (or --resume RUN / --table)")
     cfg = transfer_config(checkpoint, recipe=recipe, overrides=overrides)
     if out is None:
-        img_size = _model_config(cfg).img_size
+        img_size = run_model_config(cfg).img_size
         out = Path("runs") / f"transfer-{cfg.model.name}-{img_size}px-{dataset_label(cfg.data.data)}-" \
                              f"{time.strftime('%Y%m%d-%H%M%S')}"
     return train(cfg, out=out, overwrite=overwrite, console=console)

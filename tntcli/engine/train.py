@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from tntcli.config import RunConfig, build_config, dump_yaml
+from tntcli.config import RunConfig, build_config, dump_yaml, run_model_config
 from tntcli.data import build_loaders
 from tntcli.engine import distributed
 from tntcli.engine.checkpoint import load_verified, rng_state, save_verified, seed_everything, set_rng_state
@@ -30,7 +30,7 @@ from tntcli.engine.evaluate import evaluate
 from tntcli.engine.progress import Reporter
 from tntcli.errors import Preempted, TntError
 from tntcli.models.checkpoints import load_pretrained, model_record
-from tntcli.models.registry import build_model, get_spec, model_config
+from tntcli.models.registry import build_model, get_spec
 from tntcli.results import atomic_write_text
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "ema_top1", "img_per_s", "seconds"]
@@ -172,9 +172,7 @@ def _train(cfg, out, resume, overwrite, env, stop, console) -> dict[str, Any]:
 
     # --- data ---------------------------------------------------------------------------------------------
     spec = get_spec(cfg.model.name)
-    arch = dict(cfg.model.arch)
-    arch_img_size = arch.pop("img_size", None)                # model.img_size wins over an arch override
-    img_size = cfg.model.img_size or arch_img_size or 224
+    img_size = run_model_config(cfg).img_size
     seed_everything(cfg.train.seed)
     loaders = build_loaders(
         cfg.data.data, data_root=cfg.data.data_root, img_size=img_size, batch_size=cfg.data.batch_size,
@@ -185,15 +183,14 @@ def _train(cfg, out, resume, overwrite, env, stop, console) -> dict[str, Any]:
         seed=cfg.train.seed, drop_last=True, max_train_images=cfg.data.max_train_images,
         strict=cfg.data.strict)
     try:
-        return _run(cfg, run_dir, state, loaders, spec, img_size, arch, env, stop, reporter)
+        return _run(cfg, run_dir, state, loaders, img_size, env, stop, reporter)
     finally:
         loaders.close()
 
 
-def _run(cfg, run_dir, state, loaders, spec, img_size, arch, env, stop, reporter) -> dict[str, Any]:
+def _run(cfg, run_dir, state, loaders, img_size, env, stop, reporter) -> dict[str, Any]:
     # --- model (+ EMA), optionally from a pretrained checkpoint ------------------------------------------------
-    model_cfg = model_config(cfg.model.name, img_size=img_size, num_classes=loaders.num_classes,
-                             drop_path_rate=cfg.model.drop_path, **arch)
+    model_cfg = run_model_config(cfg, loaders.num_classes)
     model = build_model(model_cfg)
     if cfg.model.pretrained and state is None:
         load_pretrained(model, cfg.model.pretrained, name=cfg.model.name, reset_head=True)
