@@ -301,8 +301,9 @@ def _run(cfg, run_dir, state, loaders, img_size, env, stop, reporter) -> dict[st
                     ema.update_parameters(model)
                 steps += 1
                 seen += images.shape[0] * env.world_size
-                loss_sum += loss.item()
-                bar.update(loss=loss.item(), lr=opt.param_groups[0]["lr"],
+                loss_value = loss.item()                   # one device sync per step
+                loss_sum += loss_value
+                bar.update(loss=loss_value, lr=opt.param_groups[0]["lr"],
                            img_per_s=seen / (time.perf_counter() - t0))
                 every = cfg.train.checkpoint_every_steps
                 stopping = distributed.broadcast_flag(stop.raised, env)
