@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tntcli import bench
 from tntcli.cli import app
 from tntcli.errors import TntError
-from tntcli.models import create_model
+from tntcli.models import create_model, layers
 
 TINY = {"depth": 1, "patch_size": 8, "inner_stride": 4, "dim": 32, "heads": 2, "word_dim": 8, "inner_heads": 2,
         "img_size": 16, "num_classes": 10}
@@ -48,21 +48,23 @@ def test_cpu_peak_memory_counts_what_a_step_allocates():
     assert source == "profiler memory timeline" and 256 <= peak < 256 + 64
 
 
-def test_cli_vs_timm_times_timm_with_our_weights_and_appends_csv_rows(tmp_path):
+def test_cli_times_timm_with_our_weights_and_our_reference_path_and_appends_csv_rows(tmp_path):
     args = ["bench", "--model", "tnt-s", "--depth", "1", "--batch-size", "1", "--reps", "1", "--warmup", "0",
-            "--mode", "infer", "--vs", "timm", "--no-memory", "--gemm-size", "64", "--device", "cpu",
+            "--mode", "infer", "--vs", "timm", "--vs", "reference", "--no-memory", "--gemm-size", "64", "--device", "cpu",
             "--results", str(tmp_path)]
     for _ in range(2):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
     df = pd.read_csv(tmp_path / "bench.csv")
-    assert df.impl.tolist() == ["tntcli", "timm"] * 2                  # appended, one header
-    timm_rows, ours = df[df.impl == "timm"], df[df.impl == "tntcli"]
-    assert (timm_rows.max_abs_diff_vs_ours <= 1e-5).all()               # both compute the same function
-    assert ours.vs_timm.tolist() == pytest.approx((ours.img_per_s.values / timm_rows.img_per_s.values).tolist(),
-                                                  rel=0.01)
+    assert df.impl.tolist() == ["tntcli", "reference", "timm"] * 2     # appended, one header
+    ours = df[df.impl == "tntcli"]
+    for impl in ("timm", "reference"):
+        other = df[df.impl == impl]
+        assert (other.max_abs_diff_vs_ours <= 1e-5).all()               # all compute the same function
+        assert ours[f"vs_{impl}"].tolist() == pytest.approx((ours.img_per_s.values / other.img_per_s.values).tolist(),
+                                                            rel=0.01)
     assert {"device_name", "torch", "batch", "precision", "compile", "threads"} <= set(df.columns)
-    assert "x timm" in result.output and "GEMM 64^3" in result.output
+    assert "x timm" in result.output and "x ref" in result.output and "GEMM 64^3" in result.output
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -86,7 +88,7 @@ def test_missing_timm_is_a_clear_error(monkeypatch):
 
 def test_cli_refuses_an_unknown_comparison():
     result = CliRunner().invoke(app, ["bench", "--vs", "onnx"])
-    assert isinstance(result.exception, TntError) and "--vs accepts only 'timm'" in str(result.exception)
+    assert isinstance(result.exception, TntError) and "--vs accepts 'timm' and 'reference'" in str(result.exception)
 
 
 # ------------------------------------------------------------------------------------------ fast == reference
@@ -124,10 +126,94 @@ def test_word_stem_gives_row_major_words_equal_to_a_per_patch_unfold_and_conv():
 
 def test_block_adds_words_to_patch_tokens_exactly_as_slice_and_concatenate():
     block = create_model("tnt-s", depth=1).blocks[0].eval()
-    block.outer = torch.nn.Identity()
+    block.outer.forward = lambda sentences, cls_only=False: sentences   # outer transformer as the identity
     words, sentences = torch.randn(2 * 196, 16, 24), torch.randn(2, 197, 384)
     with torch.no_grad():
         _, out = block(words, sentences)
         inner = block.inner(words)
         reference = torch.cat([sentences[:, :1], sentences[:, 1:] + block.words_to_sentence(inner, 2)], dim=1)
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the linear products that run on oneDNN, so a test can tell which path really ran."""
+    calls = []
+    real = layers._onednn_linear
+
+    def counting(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(layers, "_onednn_linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["tnt-ti", "deit-ti"])
+def test_fast_inference_path_gives_the_reference_logits(name, onednn_calls):
+    """CPU inference: oneDNN linears with GELU fused, and a last layer that computes the class token only."""
+    arch = {**TINY, "depth": 2} if name == "tnt-ti" else {"depth": 2, "dim": 48, "heads": 3, "img_size": 32,
+                                                          "num_classes": 10}
+    torch.manual_seed(0)
+    model = create_model(name, **arch).eval()
+    x = torch.randn(3, 3, arch["img_size"], arch["img_size"])
+    with torch.inference_mode():
+        fast = model(x)
+        taken = len(onednn_calls)
+        with layers.reference_mode():
+            reference = model(x)
+    assert taken > 0 and len(onednn_calls) == taken                      # fast path ran; reference did not
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_training_path_gives_the_reference_gradients(onednn_calls):
+    """CPU training: oneDNN linears forward and backward, explicit attention for the inner transformer's
+    tiny heads (head dim 4 here), class-token-only last layer. Drop-path masks are replayed by seed; dropout is
+    off, as the last layer draws its masks for the class row only."""
+    model = create_model("tnt-ti", **{**TINY, "depth": 2, "drop_path_rate": 0.2}).train()
+    x = torch.randn(4, 3, 16, 16)
+
+    def logits_and_grads():
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast, fast_grads = logits_and_grads()
+    assert onednn_calls, "the fast path did not run"
+    with layers.reference_mode():
+        reference, reference_grads = logits_and_grads()
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    for n, g in reference_grads.items():
+        torch.testing.assert_close(fast_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_autocast_and_tracing_take_the_plain_path(onednn_calls):
+    model = create_model("tnt-ti", **TINY).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == torch.bfloat16
+        torch.jit.trace(model, x, check_trace=False)
+    assert onednn_calls == []
+
+
+def test_cls_only_layer_returns_the_full_layers_class_row_but_not_with_se():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32)
+    for se, rows in ((False, 1), (True, 9)):
+        layer = layers.TransformerLayer(32, 2, se=se).eval()
+        with torch.no_grad():
+            full, first = layer(x), layer(x, cls_only=True)
+        assert first.shape == (2, rows, 32)
+        torch.testing.assert_close(first[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_flop_count_is_the_nominal_cost_of_every_token():
+    """`cls_only` saves work at run time, but FLOPs are counted for the architecture (as papers do)."""
+    from tntcli.flops import count_macs
+    model = create_model("deit-ti", depth=2, dim=48, heads=3, img_size=32, num_classes=10)
+    with layers.reference_mode():
+        reference = count_macs(model, 32).total()
+    assert count_macs(model, 32).total() == reference

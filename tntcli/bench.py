@@ -1,13 +1,14 @@
 """Throughput benchmark: images/s and peak memory of inference and training steps, optionally against timm.
 
-Contestants (ours, and timm's counterpart with our weights loaded so both compute the same function) are timed
-in the same process, alternating repetition by repetition, on identical inputs; a large GEMM is timed in the same
+Contestants (ours; with `--vs timm` timm's counterpart with our weights loaded, so both compute the same function;
+with `--vs reference` our own model with its fast paths off, `layers.reference_mode`) are timed in the same process, alternating repetition by repetition, on identical inputs; a large GEMM is timed in the same
 loop as the machine's reference matrix-multiply rate. Medians and min-max spreads are reported, because a shared
 machine's timings drift. Rows go to a rich table and are appended to `results/bench.csv`.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import io
 import math
@@ -27,6 +28,7 @@ from rich.table import Table
 from torch import nn
 
 from tntcli.errors import TntError
+from tntcli.models.layers import reference_mode
 from tntcli.models.registry import create_model, get_spec
 from tntcli.results import atomic_write_text, locked
 
@@ -52,6 +54,7 @@ class BenchOptions:
     warmup: int = 1
     device: str = "auto"
     vs_timm: bool = False
+    vs_reference: bool = False
     grad_checkpointing: bool = False
     measure_memory: bool = True
     gemm_size: int = GEMM_SIZE
@@ -62,9 +65,9 @@ class BenchOptions:
 @dataclass
 class Contestant:
     model: str                        # our registry name
-    impl: str                         # "tntcli" or "timm"
+    impl: str                         # "tntcli", "timm" or "reference"
     module: nn.Module
-    max_abs_diff: float | None = None  # logits vs ours (timm only): proves both compute the same function
+    max_abs_diff: float | None = None  # logits vs ours: proves both compute the same function
 
 
 # ----------------------------------------------------------------------------------------------- environment
@@ -114,6 +117,20 @@ def _import_timm():
     return timm
 
 
+def _max_logit_diff(ours: nn.Module, other: nn.Module, reference: bool = False) -> float:
+    x = torch.randn(2, 3, ours.cfg.img_size, ours.cfg.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine = ours.eval()(x)
+        with reference_mode() if reference else contextlib.nullcontext():
+            return (mine - other.eval()(x)).abs().max().item()
+
+
+def reference_counterpart(name: str, ours: nn.Module) -> Contestant:
+    """A copy of our model that runs with every fast path off (the plain aten reference)."""
+    ref = copy.deepcopy(ours)
+    return Contestant(name, "reference", ref, _max_logit_diff(ours, ref, reference=True))
+
+
 def timm_counterpart(name: str, ours: nn.Module, arch: dict[str, Any]) -> Contestant:
     """timm's model of the same architecture with our weights, and the max |logit difference| to ours."""
     if name not in TIMM_NAMES:
@@ -126,10 +143,7 @@ def timm_counterpart(name: str, ours: nn.Module, arch: dict[str, Any]) -> Contes
     timm = _import_timm()
     ref = timm.create_model(TIMM_NAMES[name], pretrained=False, **arch)
     ref.load_state_dict(export_timm(ours))
-    x = torch.randn(2, 3, ours.cfg.img_size, ours.cfg.img_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (ours.eval()(x) - ref.eval()(x)).abs().max().item()
-    return Contestant(name, "timm", ref, diff)
+    return Contestant(name, "timm", ref, _max_logit_diff(ours, ref))
 
 
 def build_contestants(opts: BenchOptions) -> list[Contestant]:
@@ -138,6 +152,8 @@ def build_contestants(opts: BenchOptions) -> list[Contestant]:
         get_spec(name)
         ours = create_model(name, **opts.arch)
         out.append(Contestant(name, "tntcli", ours))
+        if opts.vs_reference:
+            out.append(reference_counterpart(name, ours))
         if opts.vs_timm:
             out.append(timm_counterpart(name, ours, opts.arch))
     return out
@@ -153,11 +169,12 @@ def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device
             raise TntError(f"{c.model} ({c.impl}) has no activation checkpointing")
         module.set_grad_checkpointing(True)
     model = torch.compile(module) if opts.compile else module
+    paths = reference_mode if c.impl == "reference" else contextlib.nullcontext
     if mode == "infer":
         module.eval()
 
         def infer() -> None:
-            with torch.inference_mode(), autocast(device, opts.precision):
+            with paths(), torch.inference_mode(), autocast(device, opts.precision):
                 model(x)
         return infer
 
@@ -166,9 +183,10 @@ def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device
 
     def train() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, opts.precision):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        with paths():
+            with autocast(device, opts.precision):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
         optimizer.step()
     return train
 
@@ -301,7 +319,7 @@ def _record(c: Contestant, mode: str, seconds: list[float], peak: float | None, 
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "reps": len(seconds), "img_per_s": round(median, 3),
         "img_per_s_min": round(rates[0], 3), "img_per_s_max": round(rates[-1], 3),
-        "spread": round((rates[-1] - rates[0]) / median, 3), "vs_timm": None,
+        "spread": round((rates[-1] - rates[0]) / median, 3), "vs_timm": None, "vs_reference": None,
         "peak_mem_mb": None if peak is None else round(peak, 1), "mem_source": mem_source,
         "gmacs_per_img": None if gmacs is None else float(f"{gmacs:.6g}"),
         "achieved_gmacs_per_s": None if achieved is None else float(f"{achieved:.4g}"),
@@ -312,11 +330,12 @@ def _record(c: Contestant, mode: str, seconds: list[float], peak: float | None, 
 
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
-    """Ours / timm throughput for each model that has both (same mode, same run)."""
-    timm_rate = {r["model"]: r["img_per_s"] for r in records if r["impl"] == "timm"}
-    for r in records:
-        if r["impl"] == "tntcli" and r["model"] in timm_rate:
-            r["vs_timm"] = round(r["img_per_s"] / timm_rate[r["model"]], 3)
+    """Ours / timm and ours / reference throughput for each model that has them (same mode, same run)."""
+    for impl in ("timm", "reference"):
+        rate = {r["model"]: r["img_per_s"] for r in records if r["impl"] == impl}
+        for r in records:
+            if r["impl"] == "tntcli" and r["model"] in rate:
+                r[f"vs_{impl}"] = round(r["img_per_s"] / rate[r["model"]], 3)
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -338,11 +357,13 @@ def print_table(records: list[dict[str, Any]], console: Console) -> None:
     table = Table(title=f"{first['device_name']}, torch {first['torch']}, batch {first['batch']}, "
                         f"{first['precision']}, compile {'on' if first['compile'] else 'off'}, "
                         f"{first['threads']} threads, median of {first['reps']} reps")
-    for col in ("model", "impl", "mode", "img/s", "min-max", "x timm", "peak MiB", "GMAC/s", "of GEMM", "Δ logits"):
+    for col in ("model", "impl", "mode", "img/s", "min-max", "x timm", "x ref", "peak MiB", "GMAC/s", "of GEMM",
+                "Δ logits"):
         table.add_column(col, justify="left" if col in ("model", "impl", "mode") else "right")
     for r in records:
         table.add_row(r["model"], r["impl"], r["mode"], f"{r['img_per_s']:.2f}",
                       f"{r['img_per_s_min']:.2f}-{r['img_per_s_max']:.2f}", _fmt(r["vs_timm"], ".2f", "–"),
+                      _fmt(r["vs_reference"], ".2f", "–"),
                       _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["achieved_gmacs_per_s"], ".1f"),
                       _fmt(r["frac_of_gemm"], ".1%"), _fmt(r["max_abs_diff_vs_ours"], ".1e", "–"))
     console.print(table)

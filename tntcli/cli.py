@@ -300,7 +300,8 @@ def bench_(
     reps: int = typer.Option(5, "--reps", min=1, help="Timed repetitions per contestant (alternating)."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed steps first (compilation happens here)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    vs: Optional[str] = typer.Option(None, "--vs", help="'timm': also time timm's model with our weights."),
+    vs: List[str] = typer.Option([], "--vs", help="'timm': also time timm's model with our weights; 'reference': "
+                                 "also time our model with its fast paths off. Repeatable."),
     grad_ckpt: bool = typer.Option(False, "--grad-checkpointing", help="Activation checkpointing in training."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory of one extra step."),
     results: Path = typer.Option(Path("results"), "--results", help="Folder for bench.csv."),
@@ -310,11 +311,13 @@ def bench_(
     """Throughput (img/s), peak memory and GEMM-relative efficiency of inference and training steps."""
     from tntcli import bench
 
-    if vs not in (None, "timm"):
-        raise TntError(f"--vs accepts only 'timm', got '{vs}'")
+    unknown = sorted(set(vs) - {"timm", "reference"})
+    if unknown:
+        raise TntError(f"--vs accepts 'timm' and 'reference', got '{unknown[0]}'")
     opts = bench.BenchOptions(models=list(dict.fromkeys(model)), batch_size=batch_size, precision=precision,
                               modes=bench.MODES if mode == "both" else (mode,), compile=compile_, threads=threads,
-                              reps=reps, warmup=warmup, device=device, vs_timm=vs == "timm",
+                              reps=reps, warmup=warmup, device=device, vs_timm="timm" in vs,
+                              vs_reference="reference" in vs,
                               grad_checkpointing=grad_ckpt, measure_memory=memory, gemm_size=gemm_size,
                               arch={} if depth is None else {"depth": depth})
     records = bench.run_bench(opts, console=console)

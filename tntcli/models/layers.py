@@ -2,12 +2,93 @@
 
 Every transformer in the toolkit (DeiT blocks, TNT's inner and outer transformers) is a `TransformerLayer`,
 so an optimisation made here reaches all of them.
+
+Fast paths (each measured on CPU, see benchmarks/README.md); inside `reference_mode()` none of them is taken:
+- On CPU in fp32 every linear runs on oneDNN (the kernels `torch.compile`'s CPU backend picks), with the MLP's GELU
+  fused in at inference.
+- CPU training runs attention with tiny heads (TNT's inner transformer: 16 words, head dim 6 or 10) as explicit
+  matmul-softmax-matmul, whose backward is faster there than SDPA's flash kernel.
+- `cls_only`: the last layer of a class-token model computes only the row its classifier reads.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_TINY_HEAD_DIM = 16            # heads narrower than this skip SDPA when training on CPU
+_fast_paths = True
+
+
+@contextlib.contextmanager
+def reference_mode() -> Iterator[None]:
+    """Run the models as plain aten ops over every token: the reference the fast paths are tested and timed
+    against, and what FLOP counting sees (the architecture's nominal cost)."""
+    global _fast_paths
+    saved, _fast_paths = _fast_paths, False
+    try:
+        yield
+    finally:
+        _fast_paths = saved
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # fp32 CPU only (autocast would not see the op), and never while tracing or compiling, where fvcore must
+    # count aten ops and inductor makes its own choice.
+    return (_fast_paths and _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   post_op: str = "none") -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "none" if post_op == "gelu" else "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """A linear layer whose products run on oneDNN. aten's addmm first copies the broadcast bias into the output
+    and then accumulates on it; oneDNN adds the bias inside the kernel. The weight gradient stays on aten's mm."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_2d = grad.view(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad, weight.t().contiguous(), None)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """`F.linear`, optionally followed by exact GELU, on the fastest kernel for where and how it runs."""
+    if _use_onednn(x, weight):
+        if gelu and not torch.is_grad_enabled():      # GELU fused as a post-op: backward would need its input
+            return _onednn_linear(x, weight, bias, "gelu")
+        y = _OneDNNLinear.apply(x, weight, bias)
+    else:
+        y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    return dense(x, layer.weight, layer.bias, gelu)
 
 
 class DropPath(nn.Module):
@@ -42,16 +123,29 @@ class Attention(nn.Module):
             raise ValueError(f"attention dim {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """Attend from every token, or from the first `queries` tokens only (keys and values still cover all)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        H, D = self.num_heads, self.head_dim
+        if queries is None:
+            q, k, v = linear(x, self.qkv).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = dense(x[:, :queries], w[:C], None if b is None else b[:C]).view(B, queries, H, D).transpose(1, 2)
+            k, v = dense(x, w[C:], None if b is None else b[C:]).view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        attn_drop = self.attn_drop if self.training else 0.0
+        if _fast_paths and D < _TINY_HEAD_DIM and x.device.type == "cpu" and torch.is_grad_enabled():
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = (F.dropout(attn, attn_drop) if attn_drop else attn) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop)
+        return self.proj_drop(linear(x.transpose(1, 2).reshape(B, q.shape[2], C), self.proj))
 
 
 class Mlp(nn.Module):
@@ -60,12 +154,11 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(linear(self.drop(linear(x, self.fc1, gelu=True)), self.fc2))
 
 
 class SqueezeExcite(nn.Module):
@@ -100,8 +193,13 @@ class TransformerLayer(nn.Module):
         self.se = SqueezeExcite(dim) if se else None
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """`cls_only`: return row 0 only (B, 1, dim), for a last layer whose successor reads just the class token.
+        Not with SE, whose gate pools over all rows."""
+        if cls_only and _fast_paths and self.se is None:
+            x = x[:, :1] + self.drop_path(self.attn(self.norm1(x), queries=1))
+        else:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
         y = self.mlp(self.norm2(x))
         if self.se is not None:
             y = y + self.se(y)
