@@ -51,7 +51,7 @@ class BenchOptions:
     compile: bool = False
     threads: int | None = None
     reps: int = 5
-    warmup: int = 1
+    warmup: int = 3                   # CPU training: the first steps page-fault while glibc's heap grows
     device: str = "auto"
     vs_timm: bool = False
     vs_reference: bool = False

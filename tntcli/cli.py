@@ -298,7 +298,8 @@ def bench_(
     compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile every contestant."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
     reps: int = typer.Option(5, "--reps", min=1, help="Timed repetitions per contestant (alternating)."),
-    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed steps first (compilation happens here)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first: compilation happens here, and on "
+                               "CPU glibc's heap needs a few training steps to stop page-faulting."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     vs: List[str] = typer.Option([], "--vs", help="'timm': also time timm's model with our weights; 'reference': "
                                  "also time our model with its fast paths off. Repeatable."),
