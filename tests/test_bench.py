@@ -189,6 +189,7 @@ def test_fast_training_path_gives_the_reference_gradients(onednn_calls):
         torch.testing.assert_close(fast_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_autocast_and_tracing_take_the_plain_path(onednn_calls):
     model = create_model("tnt-ti", **TINY).eval()
     x = torch.randn(2, 3, 16, 16)

@@ -1,8 +1,9 @@
 """Throughput benchmark: images/s and peak memory of inference and training steps, optionally against timm.
 
 Contestants (ours; with `--vs timm` timm's counterpart with our weights loaded, so both compute the same function;
-with `--vs reference` our own model with its fast paths off, `layers.reference_mode`) are timed in the same process, alternating repetition by repetition, on identical inputs; a large GEMM is timed in the same
-loop as the machine's reference matrix-multiply rate. Medians and min-max spreads are reported, because a shared
+with `--vs reference` our own model with its fast paths off, `layers.reference_mode`) are timed in the same
+process, alternating repetition by repetition, on identical inputs; a large GEMM is timed in the same loop as the
+machine's reference matrix-multiply rate. Medians and min-max spreads are reported, because a shared
 machine's timings drift. Rows go to a rich table and are appended to `results/bench.csv`.
 """
 from __future__ import annotations
