@@ -226,6 +226,9 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> tuple[float 
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda max_memory_allocated"
+    # Kineto logs its start/stop and, on a machine without a GPU, a harmless "gpuGetDeviceCount failed" ERROR line
+    # to stderr; level 6 keeps it quiet (a KINETO_LOG_LEVEL the user set wins). Read at the profiler's first use.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:
         from torch.profiler import ProfilerActivity, profile
         from torch.profiler._memory_profiler import MemoryProfileTimeline
