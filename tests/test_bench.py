@@ -50,8 +50,8 @@ def test_cpu_peak_memory_counts_what_a_step_allocates():
 
 def test_cli_times_timm_with_our_weights_and_our_reference_path_and_appends_csv_rows(tmp_path):
     args = ["bench", "--model", "tnt-s", "--depth", "1", "--batch-size", "1", "--reps", "1", "--warmup", "0",
-            "--mode", "infer", "--vs", "timm", "--vs", "reference", "--no-memory", "--gemm-size", "64", "--device", "cpu",
-            "--results", str(tmp_path)]
+            "--mode", "infer", "--vs", "timm", "--vs", "reference", "--no-memory", "--gemm-size", "64",
+            "--device", "cpu", "--results", str(tmp_path)]
     for _ in range(2):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
