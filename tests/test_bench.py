@@ -124,17 +124,6 @@ def test_word_stem_gives_row_major_words_equal_to_a_per_patch_unfold_and_conv():
     torch.testing.assert_close(words, reference, rtol=0, atol=0)
 
 
-def test_block_adds_words_to_patch_tokens_exactly_as_slice_and_concatenate():
-    block = create_model("tnt-s", depth=1).blocks[0].eval()
-    block.outer.forward = lambda sentences, cls_only=False: sentences   # outer transformer as the identity
-    words, sentences = torch.randn(2 * 196, 16, 24), torch.randn(2, 197, 384)
-    with torch.no_grad():
-        _, out = block(words, sentences)
-        inner = block.inner(words)
-        reference = torch.cat([sentences[:, :1], sentences[:, 1:] + block.words_to_sentence(inner, 2)], dim=1)
-    torch.testing.assert_close(out, reference, rtol=0, atol=0)
-
-
 @pytest.fixture
 def onednn_calls(monkeypatch):
     """Counts the linear products that run on oneDNN, so a test can tell which path really ran."""

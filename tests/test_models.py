@@ -62,14 +62,18 @@ def test_legacy_stem_convolves_the_whole_image_so_neighbouring_patches_see_each_
 
 
 def test_cls_token_gets_no_words():
-    """Only patch tokens receive the projected words; the cls token passes the word projection unchanged."""
+    """Only patch tokens receive the projected words; the cls token passes the word projection unchanged. The
+    block's zero-row pad must equal the plain slice + concatenate, bit for bit."""
     block = create_model("tnt-s", depth=1).blocks[0].eval()
     block.outer.forward = lambda sentences, cls_only=False: sentences   # outer transformer as the identity
     words, sentences = torch.randn(2 * 196, 16, 24), torch.randn(2, 197, 384)
     with torch.no_grad():
         _, out = block(words, sentences)
+        inner = block.inner(words)
+        reference = torch.cat([sentences[:, :1], sentences[:, 1:] + block.words_to_sentence(inner, 2)], dim=1)
     assert torch.equal(out[:, 0], sentences[:, 0])
     assert not torch.allclose(out[:, 1:], sentences[:, 1:])
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
 
 
 def test_input_of_another_size_is_refused():

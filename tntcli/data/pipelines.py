@@ -102,9 +102,11 @@ class ShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
+    def permutation(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
+
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(self.permutation().tolist())
 
 
 class ShardSampler(Sampler[int]):
@@ -120,7 +122,7 @@ class ShardSampler(Sampler[int]):
         return iter(self.indices)
 
 
-class RASampler(Sampler[int]):
+class RASampler(ShuffleSampler):
     """Repeated augmentation (Hoffer et al. 2020; DeiT): each index appears `repeats` times in a row in the
     shuffled list, which is dealt round-robin to the ranks, so the copies land on different ranks.
 
@@ -133,20 +135,16 @@ class RASampler(Sampler[int]):
                  truncate: bool = True):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
-        self.n, self.world, self.rank, self.repeats, self.seed = n, num_replicas, rank, repeats, seed
-        self.truncate, self.epoch = truncate, 0
+        super().__init__(n, seed)
+        self.world, self.rank, self.repeats, self.truncate = num_replicas, rank, repeats, truncate
         self.per_rank = math.ceil(n * repeats / num_replicas)
         self.selected = math.ceil(n / num_replicas) if truncate else self.per_rank
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.selected
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats).tolist()
+        order = self.permutation().repeat_interleave(self.repeats).tolist()
         total = self.per_rank * self.world
         order += order[: total - len(order)]  # pad so every rank gets the same count
         return iter(order[self.rank:total:self.world][: self.selected])
