@@ -178,48 +178,6 @@ def test_fast_training_path_gives_the_reference_gradients(onednn_calls):
         torch.testing.assert_close(fast_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def autograd_nodes(tensor: torch.Tensor) -> set[str]:
-    """The names of the backward functions a tensor's graph is made of."""
-    seen, todo = set(), [tensor.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo.extend(next_node for next_node, _ in node.next_functions)
-    return {type(node).__name__ for node in seen}
-
-
-@pytest.mark.parametrize("frozen", [False, True])
-def test_chunked_mlp_and_tiny_head_attention_give_the_reference_gradients(monkeypatch, frozen):
-    """TNT's narrow inner layers on CPU: MLP and attention run chunk by chunk (a few rows per chunk here) and
-    recompute in backward what they did not save; the results are the plain layers' results."""
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", 12288)    # chunks of 6 sequences (attention), 96 rows (MLP)
-    torch.manual_seed(0)
-    cases = [(layers.Mlp(8, 32), "_ChunkedMlpBackward"),
-             (layers.Attention(8, 2, qkv_bias=True), "_TinyHeadAttentionBackward")]
-    for module, backward_name in cases:
-        module.train().requires_grad_(not frozen)
-        x = torch.randn(10, 16, 8)
-
-        def output_and_grads():
-            module.zero_grad()
-            xg = x.clone().requires_grad_()
-            out = module(xg)
-            out.square().sum().backward()
-            return out, [xg.grad] + [p.grad for p in module.parameters()]
-
-        fast, fast_grads = output_and_grads()
-        assert backward_name in autograd_nodes(fast)
-        with layers.reference_mode():
-            reference, reference_grads = output_and_grads()
-        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
-        for got, expected in zip(fast_grads, reference_grads):
-            if expected is None:
-                assert got is None
-            else:
-                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_autocast_and_tracing_take_the_plain_path(onednn_calls):
     model = create_model("tnt-ti", **TINY).eval()

@@ -6,9 +6,8 @@ so an optimisation made here reaches all of them.
 Fast paths (each measured on CPU, see benchmarks/README.md); inside `reference_mode()` none of them is taken:
 - On CPU in fp32 every linear runs on oneDNN (the kernels `torch.compile`'s CPU backend picks), with the MLP's GELU
   fused in at inference.
-- Narrow MLPs (TNT's inner ones) run chunk by chunk so their hidden state stays in cache (`_ChunkedMlp`), and CPU
-  training runs attention with tiny heads (16 words, head dim 6 or 10) as `_TinyHeadAttention`; both recompute
-  in backward what they do not save.
+- CPU training runs attention with tiny heads (TNT's inner transformer: 16 words, head dim 6 or 10) as explicit
+  matmul-softmax-matmul, whose backward is faster there than SDPA's flash kernel.
 - `cls_only`: the last layer of a class-token model computes only the row its classifier reads.
 """
 from __future__ import annotations
@@ -22,9 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_TINY_HEAD_DIM = 16            # CPU training: attention with heads this narrow runs as _TinyHeadAttention
-_NARROW_MLP_DIM = 64           # CPU fp32: MLPs this narrow recompute fc1 in backward (_ChunkedMlp)
-_CHUNK_BYTES = 3 << 20         # the chunked paths' working tensors: small enough to stay in cache
+_TINY_HEAD_DIM = 16            # heads narrower than this skip SDPA when training on CPU
 _fast_paths = True
 
 
@@ -94,115 +91,6 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     return dense(x, layer.weight, layer.bias, gelu)
 
 
-class _ChunkedMlp(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) on CPU in fp32, a few MB of hidden state at a time so that GELU, fc2 and their backward
-    read it from cache rather than memory; the weight gradients accumulate over the chunks.
-
-    Backward needs fc1's pre-activations. For narrow MLPs (`recompute`: TNT's inner ones, 24 -> 96 -> 24 for
-    TNT-S) the products are cheap next to moving the 4x-wide hidden state through memory, so nothing is saved and
-    backward recomputes fc1 chunk by chunk (2.5% more MACs than the model's). Wide MLPs save the pre-activations
-    and recompute only GELU. Either way GELU's output is not kept, which saves training memory."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                rows: int, recompute: bool) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        out = x2.new_empty(x2.shape[0], w2.shape[0])
-        keep = any(ctx.needs_input_grad) and not recompute
-        ctx.pre_activations = []
-        for r in range(0, x2.shape[0], rows):
-            if keep:
-                pre = _onednn_linear(x2[r:r + rows], w1, b1)
-                ctx.pre_activations.append(pre)
-                hidden = F.gelu(pre)
-            else:
-                hidden = _onednn_linear(x2[r:r + rows], w1, b1, "gelu")
-            out[r:r + rows] = _onednn_linear(hidden, w2, b2)
-        ctx.save_for_backward(x2, w1, b1, w2)
-        ctx.rows, ctx.in_shape = rows, x.shape
-        return out.view(*x.shape[:-1], -1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x2, w1, b1, w2 = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1]).contiguous()
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        grad_x = torch.empty_like(x2)
-        grad_w1, grad_b1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2)
-        w1_t, w2_t = w1.t().contiguous(), w2.t().contiguous()
-        for i, r in enumerate(range(0, x2.shape[0], ctx.rows)):
-            x_c, grad_c = x2[r:r + ctx.rows], grad[r:r + ctx.rows]
-            pre = ctx.pre_activations[i] if ctx.pre_activations else _onednn_linear(x_c, w1, b1)
-            if need_w2:
-                grad_w2.addmm_(grad_c.t(), F.gelu(pre))
-            grad_pre = torch.ops.aten.gelu_backward(_onednn_linear(grad_c, w2_t, None), pre)
-            if need_w1:
-                grad_w1.addmm_(grad_pre.t(), x_c)
-            if need_b1:
-                grad_b1 += grad_pre.sum(0)
-            if need_x:
-                grad_x[r:r + ctx.rows] = _onednn_linear(grad_pre, w1_t, None)
-        ctx.pre_activations = []
-        return (grad_x.view(ctx.in_shape) if need_x else None, grad_w1 if need_w1 else None,
-                grad_b1 if need_b1 else None, grad_w2 if need_w2 else None, grad.sum(0) if need_b2 else None,
-                None, None)
-
-
-class _TinyHeadAttention(torch.autograd.Function):
-    """softmax(q k^T * scale) v for many short sequences with narrow heads (TNT's inner transformer: 16 words,
-    head dim 6 or 10), from the fused qkv projection's output (B, N, 3C) to (B, N, C). CPU training only.
-
-    Two things make it faster than autograd over matmul-softmax-matmul (or SDPA's flash kernel) there:
-    - aten's batched GEMM on these tiny matrices is 3-4x slower when the result is N x head_dim than when it is
-      head_dim x N or N x N, so the output comes from v^T P^T and backward computes dq^T, dk^T and dv^T.
-    - The attention probabilities are not saved: backward recomputes them from the saved qkv, chunk by chunk of
-      sequences, so scores, probabilities and their gradients stay in cache (and training memory drops by the
-      probabilities, B*heads*N*N floats per layer)."""
-
-    @staticmethod
-    def _split_and_attend(qkv: torch.Tensor, heads: int, scale: float):
-        B, N, C3 = qkv.shape
-        D = C3 // 3 // heads
-        q, k, v = (t.transpose(1, 2).reshape(B * heads, N, D) for t in qkv.view(B, N, 3, heads, D).unbind(2))
-        probs = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0, alpha=scale).softmax(-1)
-        return q, k, v, probs
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-        B, N, C3 = qkv.shape
-        C, D = C3 // 3, C3 // 3 // heads
-        rows = max(1, _CHUNK_BYTES // (4 * heads * N * N))
-        out = qkv.new_empty(B, N, C)
-        for r in range(0, B, rows):
-            _, _, v, probs = _TinyHeadAttention._split_and_attend(qkv[r:r + rows], heads, scale)
-            out_t = torch.bmm(v.transpose(1, 2), probs.transpose(1, 2))                   # (b * heads, D, N)
-            out[r:r + rows] = out_t.view(-1, heads, D, N).permute(0, 3, 1, 2).reshape(-1, N, C)
-        ctx.save_for_backward(qkv)
-        ctx.heads, ctx.scale, ctx.rows = heads, scale, rows
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        qkv, = ctx.saved_tensors
-        B, N, C = grad.shape
-        H, D, rows = ctx.heads, C // ctx.heads, ctx.rows
-        grad_qkv = qkv.new_empty(B, N, 3, H, D)
-        empty = qkv.new_empty(())
-        for r in range(0, B, rows):
-            q, k, v, probs = _TinyHeadAttention._split_and_attend(qkv[r:r + rows], H, ctx.scale)
-            g = grad[r:r + rows].reshape(-1, N, H, D).transpose(1, 2).reshape(-1, N, D)
-            grad_v_t = torch.bmm(g.transpose(1, 2), probs)                                # (b * H, D, N)
-            grad_scores = torch.ops.aten._softmax_backward_data(torch.bmm(g, v.transpose(1, 2)), probs, -1,
-                                                                probs.dtype)
-            grad_q_t = torch.baddbmm(empty, k.transpose(1, 2), grad_scores.transpose(1, 2), beta=0, alpha=ctx.scale)
-            grad_k_t = torch.baddbmm(empty, q.transpose(1, 2), grad_scores, beta=0, alpha=ctx.scale)
-            torch.stack([t.view(-1, H, D, N).permute(0, 3, 1, 2) for t in (grad_q_t, grad_k_t, grad_v_t)], 2,
-                        out=grad_qkv[r:r + rows])
-        return grad_qkv.view(B, N, 3 * C), None, None
-
-
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample with probability `rate` (training only)."""
 
@@ -245,18 +133,18 @@ class Attention(nn.Module):
         """Attend from every token, or from the first `queries` tokens only (keys and values still cover all)."""
         B, N, C = x.shape
         H, D = self.num_heads, self.head_dim
-        attn_drop = self.attn_drop if self.training else 0.0
-        if (queries is None and not attn_drop and D < _TINY_HEAD_DIM and _fast_paths and x.device.type == "cpu"
-                and torch.is_grad_enabled()):
-            x = _TinyHeadAttention.apply(linear(x, self.qkv), H, self.scale)
-            return self.proj_drop(linear(x, self.proj))
         if queries is None:
             q, k, v = linear(x, self.qkv).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             w, b = self.qkv.weight, self.qkv.bias
             q = dense(x[:, :queries], w[:C], None if b is None else b[:C]).view(B, queries, H, D).transpose(1, 2)
             k, v = dense(x, w[C:], None if b is None else b[C:]).view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop)
+        attn_drop = self.attn_drop if self.training else 0.0
+        if _fast_paths and D < _TINY_HEAD_DIM and x.device.type == "cpu" and torch.is_grad_enabled():
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = (F.dropout(attn, attn_drop) if attn_drop else attn) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop)
         return self.proj_drop(linear(x.transpose(1, 2).reshape(B, q.shape[2], C), self.proj))
 
 
@@ -270,10 +158,6 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.drop.p == 0 or not self.training) and _use_onednn(x, self.fc1.weight):
-            rows = max(1, _CHUNK_BYTES // (4 * self.fc1.out_features))
-            return _ChunkedMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, rows,
-                                     x.shape[-1] <= _NARROW_MLP_DIM)
         return self.drop(linear(self.drop(linear(x, self.fc1, gelu=True)), self.fc2))
 
 
