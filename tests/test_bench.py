@@ -67,6 +67,15 @@ def test_cli_times_timm_with_our_weights_and_our_reference_path_and_appends_csv_
     assert "x timm" in result.output and "x ref" in result.output and "GEMM 64^3" in result.output
 
 
+@pytest.mark.slow                                                      # four child processes import torch
+def test_isolated_timing_runs_each_repetition_in_a_fresh_process(monkeypatch):
+    """--isolate: the parent never runs a contestant's step; children do, and their timings are recorded."""
+    monkeypatch.setattr(bench, "make_step", lambda *a, **k: pytest.fail("the parent ran a step"))
+    records = bench.run_bench(options(modes=("train",), reps=2, warmup=1, isolate=True, vs_reference=True))
+    assert [(r["impl"], r["reps"], r["isolate"]) for r in records] == [("tntcli", 2, True), ("reference", 2, True)]
+    assert all(r["img_per_s"] > 0 for r in records) and records[0]["vs_reference"] > 0
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(precision="fp8"), "unknown precision 'fp8'"),
     (dict(modes=("eval",)), "unknown mode"),

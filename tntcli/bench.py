@@ -15,7 +15,11 @@ import io
 import math
 import os
 import platform
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +62,7 @@ class BenchOptions:
     vs_reference: bool = False
     grad_checkpointing: bool = False
     measure_memory: bool = True
+    isolate: bool = False             # time each contestant in fresh processes (see time_isolated)
     gemm_size: int = GEMM_SIZE
     min_rep_seconds: float = MIN_REP_SECONDS
     arch: dict[str, Any] = field(default_factory=dict)   # e.g. {"depth": 1}: reduced models for tests
@@ -284,31 +289,76 @@ def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(opts.batch_size, 3, img, img, generator=g).to(device)
     y = torch.randint(0, contestants[0].module.cfg.num_classes, (opts.batch_size,), generator=g).to(device)
-    steps = {id(c): make_step(c, mode, opts, device, x, y) for c in contestants}
     gemm = gemm_step(device, opts.precision, opts.gemm_size)
-    iters = {}
-    for c in contestants:                                    # warm-up (and compile), then size each rep
-        for _ in range(opts.warmup):
-            steps[id(c)]()
-        iters[id(c)] = _iters_per_rep(steps[id(c)], device, opts.min_rep_seconds)
     gemm()
     gemm_iters = _iters_per_rep(gemm, device, opts.min_rep_seconds)
     times: dict[int, list[float]] = {id(c): [] for c in contestants}
     gemm_times = []
-    for rep in range(opts.reps):                             # alternate: a drifting machine load hits all alike
-        if console:
-            console.print(f"[dim]{mode}: rep {rep + 1}/{opts.reps}[/]", highlight=False)
-        for c in contestants:
-            times[id(c)].append(timed(steps[id(c)], device, iters[id(c)]))
-        gemm_times.append(timed(gemm, device, gemm_iters))
+    cleanup = contextlib.ExitStack()
+    if opts.isolate:
+        folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tnt-bench-"))
+        rep_times = _isolated_steps(contestants, mode, opts, device, x, y, Path(folder))
+    else:
+        steps = {id(c): make_step(c, mode, opts, device, x, y) for c in contestants}
+        iters = {}
+        for c in contestants:                                # warm-up (and compile), then size each rep
+            for _ in range(opts.warmup):
+                steps[id(c)]()
+            iters[id(c)] = _iters_per_rep(steps[id(c)], device, opts.min_rep_seconds)
+        rep_times = {id(c): lambda c=c: timed(steps[id(c)], device, iters[id(c)]) for c in contestants}
+    with cleanup:
+        for rep in range(opts.reps):                         # alternate: a drifting machine load hits all alike
+            if console:
+                console.print(f"[dim]{mode}: rep {rep + 1}/{opts.reps}[/]", highlight=False)
+            for c in contestants:
+                times[id(c)].append(rep_times[id(c)]())
+            gemm_times.append(timed(gemm, device, gemm_iters))
     gemm_gmacs = opts.gemm_size ** 3 / statistics.median(gemm_times) / 1e9
     records = []
     for c in contestants:
-        peak, source = peak_memory_mb(steps[id(c)], device) if opts.measure_memory else (None, "off")
+        if opts.measure_memory:
+            peak, source = peak_memory_mb(make_step(c, mode, opts, device, x, y), device)
+        else:
+            peak, source = None, "off"
         records.append(_record(c, mode, times[id(c)], peak, source, macs.get(c.model), gemm_gmacs, opts, device))
         c.module.cpu()                                       # free the device for the next mode's contestants
     _add_ratios(records)
     return records
+
+
+def _isolated_steps(contestants: list[Contestant], mode: str, opts: BenchOptions, device: torch.device,
+                    x: torch.Tensor, y: torch.Tensor, folder: Path) -> dict[int, Callable[[], float]]:
+    """For each contestant, a function that times one repetition in a fresh Python process.
+
+    In one process the contestants share the allocator: on CPU, glibc's heap and its page faults carry over from
+    one contestant's step to the next and shifted training ratios by several percent in our measurements. Each
+    process loads the contestant (its module pickled once), runs the warm-up steps and one timed repetition."""
+    paths = {}
+    for i, c in enumerate(contestants):
+        paths[id(c)] = folder / f"contestant{i}.pt"
+        torch.save({"contestant": c, "mode": mode, "opts": opts, "device": str(device), "x": x.cpu(),
+                    "y": y.cpu(), "threads": torch.get_num_threads()}, paths[id(c)])
+
+    def run(c: Contestant) -> float:
+        code = "import sys; from tntcli.bench import isolated_rep; isolated_rep(sys.argv[1])"
+        done = subprocess.run([sys.executable, "-c", code, str(paths[id(c)])], capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            raise TntError(f"isolated run of {c.model} ({c.impl}) failed: {lines[-1]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    return {id(c): lambda c=c: run(c) for c in contestants}
+
+
+def isolated_rep(spec_path: str) -> None:
+    """Child side of `--isolate`: warm up one contestant, time one repetition, print {"seconds": s} as JSON."""
+    spec = torch.load(spec_path, weights_only=False)
+    opts, device = spec["opts"], torch.device(spec["device"])
+    torch.set_num_threads(spec["threads"])
+    step = make_step(spec["contestant"], spec["mode"], opts, device, spec["x"].to(device), spec["y"].to(device))
+    for _ in range(opts.warmup):
+        step()
+    iters = _iters_per_rep(step, device, opts.min_rep_seconds)
+    print(json.dumps({"seconds": timed(step, device, iters)}))
 
 
 def _record(c: Contestant, mode: str, seconds: list[float], peak: float | None, mem_source: str,
@@ -318,7 +368,7 @@ def _record(c: Contestant, mode: str, seconds: list[float], peak: float | None, 
     achieved = None if gmacs is None else gmacs * median * (TRAIN_MAC_FACTOR if mode == "train" else 1)
     return {
         "time": dt.datetime.now().isoformat(timespec="seconds"), "model": c.model, "impl": c.impl, "mode": mode,
-        "batch": opts.batch_size, "precision": opts.precision, "compile": opts.compile,
+        "batch": opts.batch_size, "precision": opts.precision, "compile": opts.compile, "isolate": opts.isolate,
         "grad_checkpointing": opts.grad_checkpointing, "arch": ",".join(f"{k}={v}" for k, v in opts.arch.items()),
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "reps": len(seconds), "img_per_s": round(median, 3),
@@ -360,7 +410,8 @@ def print_table(records: list[dict[str, Any]], console: Console) -> None:
     first = records[0]
     table = Table(title=f"{first['device_name']}, torch {first['torch']}, batch {first['batch']}, "
                         f"{first['precision']}, compile {'on' if first['compile'] else 'off'}, "
-                        f"{first['threads']} threads, median of {first['reps']} reps")
+                        f"{first['threads']} threads, median of {first['reps']} reps"
+                        f"{', each in a fresh process' if first['isolate'] else ''}")
     for col in ("model", "impl", "mode", "img/s", "min-max", "x timm", "x ref", "peak MiB", "GMAC/s", "of GEMM",
                 "Δ logits"):
         table.add_column(col, justify="left" if col in ("model", "impl", "mode") else "right")

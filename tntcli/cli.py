@@ -305,6 +305,8 @@ def bench_(
                                  "also time our model with its fast paths off. Repeatable."),
     grad_ckpt: bool = typer.Option(False, "--grad-checkpointing", help="Activation checkpointing in training."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory of one extra step."),
+    isolate: bool = typer.Option(False, "--isolate", help="Time every repetition in a fresh process per contestant "
+                                 "(still alternating), so contestants do not share an allocator; slower."),
     results: Path = typer.Option(Path("results"), "--results", help="Folder for bench.csv."),
     depth: Optional[int] = typer.Option(None, "--depth", min=1, hidden=True, help="Reduced depth (tests)."),
     gemm_size: int = typer.Option(2048, "--gemm-size", min=16, hidden=True, help="Reference GEMM side (tests)."),
@@ -319,7 +321,8 @@ def bench_(
                               modes=bench.MODES if mode == "both" else (mode,), compile=compile_, threads=threads,
                               reps=reps, warmup=warmup, device=device, vs_timm="timm" in vs,
                               vs_reference="reference" in vs,
-                              grad_checkpointing=grad_ckpt, measure_memory=memory, gemm_size=gemm_size,
+                              grad_checkpointing=grad_ckpt, measure_memory=memory, isolate=isolate,
+                              gemm_size=gemm_size,
                               arch={} if depth is None else {"depth": depth})
     records = bench.run_bench(opts, console=console)
     bench.print_table(records, console)
