@@ -12,10 +12,10 @@ import contextlib
 import copy
 import datetime as dt
 import io
+import json
 import math
 import os
 import platform
-import json
 import statistics
 import subprocess
 import sys
@@ -62,7 +62,7 @@ class BenchOptions:
     vs_reference: bool = False
     grad_checkpointing: bool = False
     measure_memory: bool = True
-    isolate: bool = False             # time each contestant in fresh processes (see time_isolated)
+    isolate: bool = False             # time each repetition in a fresh process (_isolated_steps)
     gemm_size: int = GEMM_SIZE
     min_rep_seconds: float = MIN_REP_SECONDS
     arch: dict[str, Any] = field(default_factory=dict)   # e.g. {"depth": 1}: reduced models for tests
@@ -294,7 +294,7 @@ def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | 
     gemm_iters = _iters_per_rep(gemm, device, opts.min_rep_seconds)
     times: dict[int, list[float]] = {id(c): [] for c in contestants}
     gemm_times = []
-    cleanup = contextlib.ExitStack()
+    cleanup, steps = contextlib.ExitStack(), {}
     if opts.isolate:
         folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tnt-bench-"))
         rep_times = _isolated_steps(contestants, mode, opts, device, x, y, Path(folder))
@@ -317,7 +317,8 @@ def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | 
     records = []
     for c in contestants:
         if opts.measure_memory:
-            peak, source = peak_memory_mb(make_step(c, mode, opts, device, x, y), device)
+            step = steps.get(id(c)) or make_step(c, mode, opts, device, x, y)
+            peak, source = peak_memory_mb(step, device)
         else:
             peak, source = None, "off"
         records.append(_record(c, mode, times[id(c)], peak, source, macs.get(c.model), gemm_gmacs, opts, device))
