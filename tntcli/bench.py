@@ -333,12 +333,13 @@ def _isolated_steps(contestants: list[Contestant], mode: str, opts: BenchOptions
 
     In one process the contestants share the allocator: on CPU, glibc's heap and its page faults carry over from
     one contestant's step to the next and shifted training ratios by several percent in our measurements. Each
-    process loads the contestant (its module pickled once), runs the warm-up steps and one timed repetition."""
+    process builds the contestant afresh with the run's weights, runs the warm-up steps and one timed repetition."""
     paths = {}
     for i, c in enumerate(contestants):
         paths[id(c)] = folder / f"contestant{i}.pt"
-        torch.save({"contestant": c, "mode": mode, "opts": opts, "device": str(device), "x": x.cpu(),
-                    "y": y.cpu(), "threads": torch.get_num_threads()}, paths[id(c)])
+        torch.save({"model": c.model, "impl": c.impl, "state_dict": c.module.state_dict(), "mode": mode,
+                    "opts": opts, "device": str(device), "x": x.cpu(), "y": y.cpu(),
+                    "threads": torch.get_num_threads()}, paths[id(c)])
 
     def run(c: Contestant) -> float:
         code = "import sys; from tntcli.bench import isolated_rep; isolated_rep(sys.argv[1])"
@@ -355,7 +356,13 @@ def isolated_rep(spec_path: str) -> None:
     spec = torch.load(spec_path, weights_only=False)
     opts, device = spec["opts"], torch.device(spec["device"])
     torch.set_num_threads(spec["threads"])
-    step = make_step(spec["contestant"], spec["mode"], opts, device, spec["x"].to(device), spec["y"].to(device))
+    if spec["impl"] == "timm":
+        module = _import_timm().create_model(TIMM_NAMES[spec["model"]], pretrained=False, **opts.arch)
+    else:
+        module = create_model(spec["model"], **opts.arch)
+    module.load_state_dict(spec["state_dict"])
+    contestant = Contestant(spec["model"], spec["impl"], module)
+    step = make_step(contestant, spec["mode"], opts, device, spec["x"].to(device), spec["y"].to(device))
     for _ in range(opts.warmup):
         step()
     iters = _iters_per_rep(step, device, opts.min_rep_seconds)
