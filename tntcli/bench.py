@@ -2,9 +2,9 @@
 
 Contestants (ours; with `--vs timm` timm's counterpart with our weights loaded, so both compute the same function;
 with `--vs reference` our own model with its fast paths off, `layers.reference_mode`) are timed in the same
-process, alternating repetition by repetition, on identical inputs; a large GEMM is timed in the same loop as the
-machine's reference matrix-multiply rate. Medians and min-max spreads are reported, because a shared
-machine's timings drift. Rows go to a rich table and are appended to `results/bench.csv`.
+process (with `--isolate`, each repetition in a fresh one), alternating repetition by repetition, on identical
+inputs; a large GEMM is timed in the same loop as the machine's reference matrix-multiply rate. Medians and
+min-max spreads are reported, because a shared machine's timings drift. Rows go to a rich table and are appended to `results/bench.csv`.
 """
 from __future__ import annotations
 
@@ -137,6 +137,10 @@ def reference_counterpart(name: str, ours: nn.Module) -> Contestant:
     return Contestant(name, "reference", ref, _max_logit_diff(ours, ref, reference=True))
 
 
+def _timm_model(name: str, arch: dict[str, Any]) -> nn.Module:
+    return _import_timm().create_model(TIMM_NAMES[name], pretrained=False, **arch)
+
+
 def timm_counterpart(name: str, ours: nn.Module, arch: dict[str, Any]) -> Contestant:
     """timm's model of the same architecture with our weights, and the max |logit difference| to ours."""
     if name not in TIMM_NAMES:
@@ -146,8 +150,7 @@ def timm_counterpart(name: str, ours: nn.Module, arch: dict[str, Any]) -> Contes
         raise TntError(f"--vs timm can only reduce depth, not {', '.join(unsupported)}")
     from tntcli.models.checkpoints import export_timm
 
-    timm = _import_timm()
-    ref = timm.create_model(TIMM_NAMES[name], pretrained=False, **arch)
+    ref = _timm_model(name, arch)
     ref.load_state_dict(export_timm(ours))
     return Contestant(name, "timm", ref, _max_logit_diff(ours, ref))
 
@@ -217,6 +220,13 @@ def _iters_per_rep(fn: Callable[[], None], device: torch.device, min_seconds: fl
     if min_seconds <= 0:
         return 1
     return min(MAX_ITERS, max(1, math.ceil(min_seconds / timed(fn, device))))
+
+
+def _warm_up(step: Callable[[], None], device: torch.device, opts: BenchOptions) -> int:
+    """Run the warm-up steps (compilation happens here); return the calls per timed repetition."""
+    for _ in range(opts.warmup):
+        step()
+    return _iters_per_rep(step, device, opts.min_rep_seconds)
 
 
 def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> tuple[float | None, str]:
@@ -294,19 +304,14 @@ def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | 
     gemm_iters = _iters_per_rep(gemm, device, opts.min_rep_seconds)
     times: dict[int, list[float]] = {id(c): [] for c in contestants}
     gemm_times = []
-    cleanup, steps = contextlib.ExitStack(), {}
-    if opts.isolate:
-        folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tnt-bench-"))
-        rep_times = _isolated_steps(contestants, mode, opts, device, x, y, Path(folder))
-    else:
-        steps = {id(c): make_step(c, mode, opts, device, x, y) for c in contestants}
-        iters = {}
-        for c in contestants:                                # warm-up (and compile), then size each rep
-            for _ in range(opts.warmup):
-                steps[id(c)]()
-            iters[id(c)] = _iters_per_rep(steps[id(c)], device, opts.min_rep_seconds)
-        rep_times = {id(c): lambda c=c: timed(steps[id(c)], device, iters[id(c)]) for c in contestants}
-    with cleanup:
+    steps = {}
+    with tempfile.TemporaryDirectory(prefix="tnt-bench-") as folder:     # holds the --isolate children's inputs
+        if opts.isolate:
+            rep_times = _isolated_steps(contestants, mode, opts, device, x, y, Path(folder))
+        else:
+            steps = {id(c): make_step(c, mode, opts, device, x, y) for c in contestants}
+            iters = {id(c): _warm_up(steps[id(c)], device, opts) for c in contestants}
+            rep_times = {id(c): lambda c=c: timed(steps[id(c)], device, iters[id(c)]) for c in contestants}
         for rep in range(opts.reps):                         # alternate: a drifting machine load hits all alike
             if console:
                 console.print(f"[dim]{mode}: rep {rep + 1}/{opts.reps}[/]", highlight=False)
@@ -356,16 +361,12 @@ def isolated_rep(spec_path: str) -> None:
     spec = torch.load(spec_path, weights_only=False)
     opts, device = spec["opts"], torch.device(spec["device"])
     torch.set_num_threads(spec["threads"])
-    if spec["impl"] == "timm":
-        module = _import_timm().create_model(TIMM_NAMES[spec["model"]], pretrained=False, **opts.arch)
-    else:
-        module = create_model(spec["model"], **opts.arch)
+    name, arch = spec["model"], opts.arch
+    module = _timm_model(name, arch) if spec["impl"] == "timm" else create_model(name, **arch)
     module.load_state_dict(spec["state_dict"])
     contestant = Contestant(spec["model"], spec["impl"], module)
     step = make_step(contestant, spec["mode"], opts, device, spec["x"].to(device), spec["y"].to(device))
-    for _ in range(opts.warmup):
-        step()
-    iters = _iters_per_rep(step, device, opts.min_rep_seconds)
+    iters = _warm_up(step, device, opts)
     print(json.dumps({"seconds": timed(step, device, iters)}))
 
 
