@@ -4,7 +4,8 @@ Contestants (ours; with `--vs timm` timm's counterpart with our weights loaded, 
 with `--vs reference` our own model with its fast paths off, `layers.reference_mode`) are timed in the same
 process (with `--isolate`, each repetition in a fresh one), alternating repetition by repetition, on identical
 inputs; a large GEMM is timed in the same loop as the machine's reference matrix-multiply rate. Medians and
-min-max spreads are reported, because a shared machine's timings drift. Rows go to a rich table and are appended to `results/bench.csv`.
+min-max spreads are reported, because a shared machine's timings drift. Rows go to a rich table and are appended
+to `results/bench.csv`.
 """
 from __future__ import annotations
 
