@@ -169,6 +169,11 @@ def test_fast_training_path_gives_the_reference_gradients(onednn_calls):
     tiny heads (head dim 4 here), class-token-only last layer. Drop-path masks are replayed by seed; dropout is
     off, as the last layer draws its masks for the class row only."""
     model = create_model("tnt-ti", **{**TINY, "depth": 2, "drop_path_rate": 0.2}).train()
+    assert_fast_path_gives_reference_gradients(model, lambda: onednn_calls)
+
+
+def assert_fast_path_gives_reference_gradients(model, fast_path_calls) -> None:
+    """Logits and every parameter gradient of a training step, fast path vs `reference_mode` (same seed)."""
     x = torch.randn(4, 3, 16, 16)
 
     def logits_and_grads():
@@ -179,7 +184,7 @@ def test_fast_training_path_gives_the_reference_gradients(onednn_calls):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast, fast_grads = logits_and_grads()
-    assert onednn_calls, "the fast path did not run"
+    assert fast_path_calls(), "the fast path did not run"
     with layers.reference_mode():
         reference, reference_grads = logits_and_grads()
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
@@ -216,3 +221,65 @@ def test_flop_count_is_the_nominal_cost_of_every_token():
     with layers.reference_mode():
         reference = count_macs(model, 32).total()
     assert count_macs(model, 32).total() == reference
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """Compile the inner transformer whatever its size, and record each compiled call's input shape."""
+    monkeypatch.setattr(layers, "_COMPILE_MIN_ROWS", 1)
+    monkeypatch.setattr(layers, "_compile_failed", False)
+    monkeypatch.delenv("TNT_CPU_COMPILE", raising=False)
+    calls, real = [], layers._compiled_apply()
+
+    def counting(layer, x):
+        calls.append(tuple(x.shape))
+        return real(layer, x)
+
+    monkeypatch.setattr(layers, "_compiled_apply", lambda: counting)
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_inner_transformer_gives_the_reference_gradients(compiled_calls, checkpointing):
+    """CPU training compiles the inner transformer (inductor fuses its memory-bound passes); logits and every
+    gradient stay those of the reference path, with activation checkpointing too."""
+    model = create_model("tnt-ti", **{**TINY, "depth": 2}).train()
+    model.set_grad_checkpointing(checkpointing)
+    assert_fast_path_gives_reference_gradients(model, lambda: compiled_calls)
+
+
+def test_inner_transformer_is_compiled_only_for_large_cpu_training(compiled_calls, monkeypatch):
+    model = create_model("tnt-ti", **{**TINY, "depth": 1})
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model.train()(x)                                   # no gradients: eager
+    monkeypatch.setenv("TNT_CPU_COMPILE", "0")
+    model(x).sum().backward()                              # switched off: eager
+    monkeypatch.setattr(layers, "_COMPILE_MIN_ROWS", 10**6)
+    monkeypatch.delenv("TNT_CPU_COMPILE")
+    model(x).sum().backward()                              # below the size threshold: eager
+    assert compiled_calls == []
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(layers, "_COMPILE_MIN_ROWS", 1)
+    monkeypatch.setattr(layers, "_compile_failed", False)
+    monkeypatch.delenv("TNT_CPU_COMPILE", raising=False)
+    attempts = []
+
+    def broken(layer, x):
+        attempts.append(1)
+        raise RuntimeError("no C++ compiler found\nlong details")
+
+    monkeypatch.setattr(layers, "_compiled_apply", lambda: broken)
+    layer = layers.TransformerLayer(8, 2).train()
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    with caplog.at_level("WARNING", logger=layers.__name__):
+        first, second = layer(x), layers.apply_layer(layer, x)
+        outputs = [layers.apply_layer(layer, x) for _ in range(2)]
+    for out in (second, *outputs):
+        torch.testing.assert_close(out, first)
+    assert attempts == [1]                                 # tried once, then eager for good
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile of the inner transformer failed, running it eagerly: no C++ compiler found"]

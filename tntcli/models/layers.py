@@ -9,10 +9,16 @@ Fast paths (each measured on CPU, see benchmarks/README.md); inside `reference_m
 - CPU training runs attention with tiny heads (TNT's inner transformer: 16 words, head dim 6 or 10) as explicit
   matmul-softmax-matmul, whose backward is faster there than SDPA's flash kernel.
 - `cls_only`: the last layer of a class-token model computes only the row its classifier reads.
+- CPU fp32 training compiles narrow, long layers (TNT's inner transformer: d=24 over B*196*16 words) with
+  `torch.compile`, which fuses their memory-bound passes (norms, softmax, GELU, residuals, head layout copies);
+  wide layers stay eager on oneDNN, which beats inductor's GEMMs there. `TNT_CPU_COMPILE=0` switches it off.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +29,11 @@ from torch.autograd.function import once_differentiable
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _TINY_HEAD_DIM = 16            # heads narrower than this skip SDPA when training on CPU
 _fast_paths = True
+# Compile a narrow layer for CPU training only from this many rows (tokens) on: TNT-S at batch 32 has 100352 words;
+# small models and test inputs stay eager and skip the ~15 s of compilation.
+_COMPILE_MAX_DIM, _COMPILE_MIN_ROWS = 64, 16384
+_compile_failed = False
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -204,6 +215,35 @@ class TransformerLayer(nn.Module):
         if self.se is not None:
             y = y + self.se(y)
         return x + self.drop_path(y)
+
+
+@functools.cache
+def _compiled_apply():
+    # One compiled function for every layer it is given: parameters are graph inputs, so the twelve inner layers
+    # of a TNT share one graph (per input shape and module configuration).
+    return torch.compile(lambda layer, x: layer(x), dynamic=False)
+
+
+def _compile_for_cpu_training(layer: nn.Module, x: torch.Tensor) -> bool:
+    narrow_and_long = 0 < x.shape[-1] <= _COMPILE_MAX_DIM and x.numel() // x.shape[-1] >= _COMPILE_MIN_ROWS
+    return (narrow_and_long and not _compile_failed and _fast_paths and torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and os.environ.get("TNT_CPU_COMPILE", "1") != "0")
+
+
+def apply_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, compiled when training a narrow layer on many rows on CPU (see the module docstring). Falls
+    back to eager for good, with one warning, if compilation fails (for instance no C++ compiler)."""
+    global _compile_failed
+    if _compile_for_cpu_training(layer, x):
+        try:
+            return _compiled_apply()(layer, x)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
+            _compile_failed = True
+            log.warning("torch.compile of the inner transformer failed, running it eagerly: %s",
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return layer(x)
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tntcli.models.layers import TransformerLayer, drop_path_rates, init_vit_weights, linear
+from tntcli.models.layers import TransformerLayer, apply_layer, drop_path_rates, init_vit_weights, linear
 
 
 @dataclass
@@ -124,7 +124,7 @@ class TNTBlock(nn.Module):
     def forward(self, words: torch.Tensor, sentences: torch.Tensor,
                 cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inner is not None:
-            words = self.inner(words)
+            words = apply_layer(self.inner, words)
             # The cls token (row 0) gets no words: a zero row padded onto the projection instead of slice + cat,
             # so backward passes the sentences' gradient straight through (no zero-filled slice gradients).
             sentences = sentences + F.pad(self.words_to_sentence(words, sentences.shape[0]), (0, 0, 1, 0))
