@@ -29,9 +29,10 @@ from torch.autograd.function import once_differentiable
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _TINY_HEAD_DIM = 16            # heads narrower than this skip SDPA when training on CPU
 _fast_paths = True
-# Compile a narrow layer for CPU training only from this many rows (tokens) on: TNT-S at batch 32 has 100352 words;
-# small models and test inputs stay eager and skip the ~15 s of compilation.
-_COMPILE_MAX_DIM, _COMPILE_MIN_ROWS = 64, 16384
+# Compile a narrow layer for CPU training only from this many rows (tokens) on: TNT-S at 224px has 3136 words an
+# image (100352 at batch 32); small models, the quickstart (16384 words a batch) and tests stay eager and skip the
+# ~15 s of compilation.
+_COMPILE_MAX_DIM, _COMPILE_MIN_ROWS = 64, 32768
 _compile_failed = False
 log = logging.getLogger(__name__)
 
