@@ -224,11 +224,16 @@ def test_flop_count_is_the_nominal_cost_of_every_token():
 
 
 @pytest.fixture
-def compiled_calls(monkeypatch):
-    """Compile the inner transformer whatever its size, and record each compiled call's input shape."""
+def compile_any_size(monkeypatch):
+    """Compile the inner transformer whatever its size (tests use tiny models)."""
     monkeypatch.setattr(layers, "_COMPILE_MIN_ROWS", 1)
     monkeypatch.setattr(layers, "_compile_failed", False)
     monkeypatch.delenv("TNT_CPU_COMPILE", raising=False)
+
+
+@pytest.fixture
+def compiled_calls(compile_any_size, monkeypatch):
+    """Record the input shape of each compiled call of the inner transformer."""
     calls, real = [], layers._compiled_apply()
 
     def counting(layer, x):
@@ -262,10 +267,7 @@ def test_inner_transformer_is_compiled_only_for_large_cpu_training(compiled_call
     assert compiled_calls == []
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(layers, "_COMPILE_MIN_ROWS", 1)
-    monkeypatch.setattr(layers, "_compile_failed", False)
-    monkeypatch.delenv("TNT_CPU_COMPILE", raising=False)
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(compile_any_size, monkeypatch, caplog):
     attempts = []
 
     def broken(layer, x):

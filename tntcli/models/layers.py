@@ -49,12 +49,16 @@ def reference_mode() -> Iterator[None]:
         _fast_paths = saved
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # fp32 CPU only (autocast would not see the op), and never while tracing or compiling, where fvcore must
+def _cpu_fp32_fast_path(x: torch.Tensor) -> bool:
+    # fp32 CPU only (autocast would not see our choices), and never while tracing or compiling, where fvcore must
     # count aten ops and inductor makes its own choice.
-    return (_fast_paths and _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    return (_fast_paths and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling())
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return _ONEDNN_LINEAR and weight.dtype == torch.float32 and _cpu_fp32_fast_path(x)
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -225,11 +229,9 @@ def _compiled_apply():
     return torch.compile(lambda layer, x: layer(x), dynamic=False)
 
 
-def _compile_for_cpu_training(layer: nn.Module, x: torch.Tensor) -> bool:
+def _compile_for_cpu_training(x: torch.Tensor) -> bool:
     narrow_and_long = 0 < x.shape[-1] <= _COMPILE_MAX_DIM and x.numel() // x.shape[-1] >= _COMPILE_MIN_ROWS
-    return (narrow_and_long and not _compile_failed and _fast_paths and torch.is_grad_enabled()
-            and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+    return (narrow_and_long and not _compile_failed and torch.is_grad_enabled() and _cpu_fp32_fast_path(x)
             and os.environ.get("TNT_CPU_COMPILE", "1") != "0")
 
 
@@ -237,7 +239,7 @@ def apply_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`, compiled when training a narrow layer on many rows on CPU (see the module docstring). Falls
     back to eager for good, with one warning, if compilation fails (for instance no C++ compiler)."""
     global _compile_failed
-    if _compile_for_cpu_training(layer, x):
+    if _compile_for_cpu_training(x):
         try:
             return _compiled_apply()(layer, x)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
