@@ -9,6 +9,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from tntcli import bench
@@ -246,12 +247,30 @@ def compiled_calls(compile_any_size, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_inner_transformer_gives_the_reference_gradients(compiled_calls, checkpointing):
-    """CPU training compiles the inner transformer (inductor fuses its memory-bound passes); logits and every
-    gradient stay those of the reference path, with activation checkpointing too."""
-    model = create_model("tnt-ti", **{**TINY, "depth": 2}).train()
+def test_compiled_inner_transformer_gives_the_reference_gradients(compiled_calls, checkpointing, monkeypatch):
+    """CPU training compiles the inner transformer (inductor fuses its memory-bound passes; its linears run as row
+    blocks); logits and every gradient stay those of the reference path, with activation checkpointing too."""
+    blocked, real = [], layers._row_blocked_linear
+
+    def counting(x, weight, bias):
+        blocked.append(tuple(weight.shape))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(layers, "_row_blocked_linear", counting)
+    model = create_model("tnt-ti", **{**TINY, "depth": 2}).train()       # 4 images x 4 patches x 4 words = 64 rows
     model.set_grad_checkpointing(checkpointing)
-    assert_fast_path_gives_reference_gradients(model, lambda: compiled_calls)
+    assert_fast_path_gives_reference_gradients(model, lambda: compiled_calls and blocked)
+
+
+def test_row_blocked_linear_gives_the_linears_output_and_gradients():
+    torch.manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, requires_grad=True) for shape in ((8, 16, 24), (96, 24), (96,)))
+    blocked = layers._row_blocked_linear(x, weight, bias)
+    grads = torch.autograd.grad(blocked.square().sum(), (x, weight, bias))
+    plain = F.linear(x, weight, bias)
+    for got, want in zip(grads, torch.autograd.grad(plain.square().sum(), (x, weight, bias))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(blocked, plain)
 
 
 def test_inner_transformer_is_compiled_only_for_large_cpu_training(compiled_calls, monkeypatch):
