@@ -12,7 +12,7 @@ Fast paths (each measured on CPU, see benchmarks/README.md); inside `reference_m
 - CPU fp32 training compiles narrow, long layers (TNT's inner transformer: d=24 over B*196*16 words) with
   `torch.compile`, which fuses their memory-bound passes (norms, softmax, GELU, residuals, head layout copies);
   wide layers stay eager on oneDNN, which beats inductor's GEMMs there. `TNT_CPU_COMPILE=0` switches it off.
-  Inside that graph the skinny linears run as 64 row blocks (`_row_blocked_linear`).
+  In a compiled CPU graph the skinny linears run as 64 row blocks (`_row_blocked_linear`).
 """
 from __future__ import annotations
 
@@ -106,8 +106,11 @@ def _row_blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def _use_row_blocks(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1]
+    # Only in a compiled CPU fp32 graph (the inner transformer's, or the whole model's with --compile); not under
+    # autocast, where the fp32 bias add would promote the bf16 product.
     return (_fast_paths and torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
-            and min(weight.shape) <= _COMPILE_MAX_DIM and rows >= _COMPILE_MIN_ROWS and rows % _ROW_BLOCKS == 0)
+            and not torch.is_autocast_enabled("cpu") and min(weight.shape) <= _COMPILE_MAX_DIM
+            and rows >= _COMPILE_MIN_ROWS and rows % _ROW_BLOCKS == 0)
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
