@@ -51,12 +51,18 @@ def reference_mode() -> Iterator[None]:
         _fast_paths = saved
 
 
+def _cpu_fp32(x: torch.Tensor) -> bool:
+    # fp32 CPU only: autocast would not see our choices (and would promote a bf16 product to fp32 in a bias add).
+    return _fast_paths and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
 def _cpu_fp32_fast_path(x: torch.Tensor) -> bool:
-    # fp32 CPU only (autocast would not see our choices), and never while tracing or compiling, where fvcore must
-    # count aten ops and inductor makes its own choice.
-    return (_fast_paths and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling())
+    # Eager only: while tracing or compiling, fvcore must count aten ops and inductor makes its own choice.
+    return _cpu_fp32(x) and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+
+
+def _many_rows(x: torch.Tensor) -> bool:
+    return x.shape[-1] > 0 and x.numel() // x.shape[-1] >= _COMPILE_MIN_ROWS
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -105,12 +111,9 @@ def _row_blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def _use_row_blocks(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    rows = x.numel() // x.shape[-1]
-    # Only in a compiled CPU fp32 graph (the inner transformer's, or the whole model's with --compile); not under
-    # autocast, where the fp32 bias add would promote the bf16 product.
-    return (_fast_paths and torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and min(weight.shape) <= _COMPILE_MAX_DIM
-            and rows >= _COMPILE_MIN_ROWS and rows % _ROW_BLOCKS == 0)
+    # Only in a compiled CPU fp32 graph: the inner transformer's, or the whole model's with --compile.
+    return (torch.compiler.is_compiling() and _cpu_fp32(x) and min(weight.shape) <= _COMPILE_MAX_DIM
+            and _many_rows(x) and (x.numel() // x.shape[-1]) % _ROW_BLOCKS == 0)
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
@@ -253,9 +256,8 @@ def _compiled_apply():
 
 
 def _compile_for_cpu_training(x: torch.Tensor) -> bool:
-    narrow_and_long = 0 < x.shape[-1] <= _COMPILE_MAX_DIM and x.numel() // x.shape[-1] >= _COMPILE_MIN_ROWS
-    return (narrow_and_long and not _compile_failed and torch.is_grad_enabled() and _cpu_fp32_fast_path(x)
-            and os.environ.get("TNT_CPU_COMPILE", "1") != "0")
+    return (x.shape[-1] <= _COMPILE_MAX_DIM and _many_rows(x) and not _compile_failed and torch.is_grad_enabled()
+            and _cpu_fp32_fast_path(x) and os.environ.get("TNT_CPU_COMPILE", "1") != "0")
 
 
 def apply_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
