@@ -6,7 +6,9 @@ so an optimisation made here reaches all of them.
 Fast paths (each measured on CPU, see benchmarks/README.md); inside `reference_mode()` none of them is taken:
 - On CPU in fp32 every linear runs on oneDNN (the kernels `torch.compile`'s CPU backend picks), with the MLP's GELU
   fused in at inference.
-- CPU training runs attention with tiny heads (TNT's inner transformer: 16 words, head dim 6 or 10) as explicit
+- On CPU in fp32, attention over tiny sequences (TNT's inner transformer: 16 words, head dim 6 or 10) runs on our C++
+  kernel (`models/kernels.py`, built on first use), forward and backward straight from the fused qkv rows. Without
+  it (no compiler, `TNT_CPU_KERNELS=0`, other shapes), CPU training runs tiny heads as explicit
   matmul-softmax-matmul, whose backward is faster there than SDPA's flash kernel.
 - `cls_only`: the last layer of a class-token model computes only the row its classifier reads.
 - CPU fp32 training compiles narrow, long layers (TNT's inner transformer: d=24 over B*196*16 words) with
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from tntcli.models import kernels
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _TINY_HEAD_DIM = 16            # heads narrower than this skip SDPA when training on CPU
@@ -63,6 +67,12 @@ def _cpu_fp32_fast_path(x: torch.Tensor) -> bool:
 
 def _many_rows(x: torch.Tensor) -> bool:
     return x.shape[-1] > 0 and x.numel() // x.shape[-1] >= _COMPILE_MIN_ROWS
+
+
+def _use_tiny_kernel(x: torch.Tensor, words: int, head_dim: int) -> bool:
+    # Eager or inside a compiled graph (one opaque op there), training and inference; not when traced (fvcore).
+    return (_cpu_fp32(x) and not torch.jit.is_tracing() and kernels.supports(words, head_dim)
+            and kernels.available())
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -175,13 +185,15 @@ class Attention(nn.Module):
         """Attend from every token, or from the first `queries` tokens only (keys and values still cover all)."""
         B, N, C = x.shape
         H, D = self.num_heads, self.head_dim
+        attn_drop = self.attn_drop if self.training else 0.0
+        if queries is None and not attn_drop and _use_tiny_kernel(x, N, D):
+            return self.proj_drop(linear(kernels.tiny_attention(linear(x, self.qkv), H, self.scale), self.proj))
         if queries is None:
             q, k, v = linear(x, self.qkv).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             w, b = self.qkv.weight, self.qkv.bias
             q = dense(x[:, :queries], w[:C], None if b is None else b[:C]).view(B, queries, H, D).transpose(1, 2)
             k, v = dense(x, w[C:], None if b is None else b[C:]).view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        attn_drop = self.attn_drop if self.training else 0.0
         if _fast_paths and D < _TINY_HEAD_DIM and x.device.type == "cpu" and torch.is_grad_enabled():
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = (F.dropout(attn, attn_drop) if attn_drop else attn) @ v
@@ -265,6 +277,7 @@ def apply_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     back to eager for good, with one warning, if compilation fails (for instance no C++ compiler)."""
     global _compile_failed
     if _compile_for_cpu_training(x):
+        kernels.available()                 # build the attention kernel first: tracing only reads whether it loaded
         try:
             return _compiled_apply()(layer, x)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager

@@ -1,0 +1,104 @@
+"""A C++ CPU kernel for attention over many tiny sequences (TNT's inner transformer), built on first use.
+
+`csrc/tiny_attention.cpp` registers `torch.ops.tnt.tiny_attention(qkv, heads, scale) -> (out, stats)` and its
+backward; this module compiles it with `torch.utils.cpp_extension` for the CPU's vector ISA (once per machine:
+about 35 s on 2 cores, most of it parsing ATen's headers; cached under `~/.cache/torch_extensions` or
+`$TORCH_EXTENSIONS_DIR`), and gives the op a fake implementation (so `torch.compile` traces it as one opaque
+call) and an autograd formula.
+
+Without a C++ compiler, or with `TNT_CPU_KERNELS=0`, `available()` is False and the models keep their aten path.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# (words per sequence, head dim) pairs compiled: TNT's 4x4 words with the head dims of TNT-Ti/S (6), TNT-B (10)
+# and of other inner head counts; 2x2 words are the tests' tiny models.
+SHAPES = tuple((words, dim) for words in (4, 16) for dim in (4, 6, 8, 10, 12))
+_SOURCE = Path(__file__).with_name("csrc") / "tiny_attention.cpp"
+# Vector flags per ATen CPU capability, as torch's inductor builds its CPU kernels.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+}
+_state: bool | None = None          # None: not tried yet
+
+
+def supports(words: int, head_dim: int) -> bool:
+    return (words, head_dim) in SHAPES
+
+
+def available() -> bool:
+    """Whether the kernel is loaded, building it on the first call (outside `torch.compile`, which only reads
+    the state: a graph traced before the build keeps the aten path)."""
+    global _state
+    if _state is None and not torch.compiler.is_compiling():
+        _state = _load()
+    return bool(_state)
+
+
+def tiny_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head, from fused qkv rows (sequences, words, 3 * dim; q, k, v each heads x
+    head_dim) to (sequences, words, dim), heads side by side: what `linear(x, qkv)` gives and `proj` reads."""
+    return torch.ops.tnt.tiny_attention(qkv, heads, scale)[0]
+
+
+def _load() -> bool:
+    if os.environ.get("TNT_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        _build()
+    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a build error: keep the aten path
+        log.warning("building the CPU attention kernel failed, using aten's: %s",
+                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        return False
+    return True
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load_inline
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    flags = _ISA_FLAGS.get(isa, [])
+    capability = isa if flags else "DEFAULT"
+    shapes = " ".join(f"X({w}, {d})" for w, d in SHAPES)
+    source = f"#define TNT_TINY_SHAPES(X) {shapes}\n" + _SOURCE.read_text()
+    if shutil.which("ninja") is None:              # the `ninja` wheel puts it beside this interpreter
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    log.info("building the CPU attention kernel for %s (once per machine)", capability)
+    load_inline(f"tnt_tiny_attention_{capability.lower()}", cpp_sources=[source], is_python_module=False,
+                extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", *flags],
+                extra_ldflags=["-fopenmp"])
+    _register()
+
+
+@functools.cache                    # once a process, however often the build is retried
+def _register() -> None:
+    @torch.library.register_fake("tnt::tiny_attention")
+    def _(qkv, heads, scale):
+        n, words, dim3 = qkv.shape
+        return qkv.new_empty(n, words, dim3 // 3), qkv.new_empty(n, heads, 2, words)
+
+    @torch.library.register_fake("tnt::tiny_attention_backward")
+    def _(grad, qkv, stats, heads, scale):
+        return torch.empty_like(qkv)
+
+    def setup_context(ctx, inputs, output):
+        qkv, ctx.heads, ctx.scale = inputs
+        ctx.save_for_backward(qkv, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad, _grad_stats):
+        qkv, stats = ctx.saved_tensors
+        return torch.ops.tnt.tiny_attention_backward(grad, qkv, stats, ctx.heads, ctx.scale), None, None
+
+    torch.library.register_autograd("tnt::tiny_attention", backward, setup_context=setup_context)
