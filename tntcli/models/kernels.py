@@ -11,6 +11,7 @@ Without a C++ compiler, or with `TNT_CPU_KERNELS=0`, `available()` is False and 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -65,19 +66,29 @@ def _load() -> bool:
 
 
 def _build() -> None:
-    from torch.utils.cpp_extension import load_inline
+    from torch.utils.cpp_extension import get_default_build_root, load_inline
 
     isa = torch.backends.cpu.get_cpu_capability()
     flags = _ISA_FLAGS.get(isa, [])
     capability = isa if flags else "DEFAULT"
     shapes = " ".join(f"X({w}, {d})" for w, d in SHAPES)
     source = f"#define TNT_TINY_SHAPES(X) {shapes}\n" + _SOURCE.read_text()
-    if shutil.which("ninja") is None:              # the `ninja` wheel puts it beside this interpreter
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    log.info("building the CPU attention kernel for %s (once per machine)", capability)
-    load_inline(f"tnt_tiny_attention_{capability.lower()}", cpp_sources=[source], is_python_module=False,
-                extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", *flags],
-                extra_ldflags=["-fopenmp"])
+    cflags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", *flags]
+    # The name keys the build on what it depends on, so a built library loads directly, without the ~2 s of
+    # cpp_extension's up-to-date check in every process (and venvs with the same torch share one build).
+    key = hashlib.sha256("\0".join([source, *cflags, torch.__version__]).encode()).hexdigest()[:12]
+    name = f"tnt_tiny_attention_{capability.lower()}_{key}"
+    build_dir = Path(get_default_build_root()) / name
+    library = build_dir / f"{name}.so"
+    if library.is_file() and not (build_dir / "lock").exists():      # built, and no build in progress
+        torch.ops.load_library(str(library))
+    else:
+        if shutil.which("ninja") is None:          # the `ninja` wheel puts it beside this interpreter
+            os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        log.info("building the CPU attention kernel for %s (once per machine)", capability)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        load_inline(name, cpp_sources=[source], is_python_module=False, extra_cflags=cflags,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
     _register()
 
 
