@@ -78,7 +78,7 @@ def _build() -> None:
     # cpp_extension's up-to-date check in every process (and venvs with the same torch share one build).
     key = hashlib.sha256("\0".join([source, *cflags, torch.__version__]).encode()).hexdigest()[:12]
     name = f"tnt_tiny_attention_{capability.lower()}_{key}"
-    build_dir = Path(get_default_build_root()) / name
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
     library = build_dir / f"{name}.so"
     if library.is_file() and not (build_dir / "lock").exists():      # built, and no build in progress
         torch.ops.load_library(str(library))
