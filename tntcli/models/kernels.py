@@ -2,7 +2,7 @@
 
 `csrc/tiny_attention.cpp` registers `torch.ops.tnt.tiny_attention(qkv, heads, scale) -> (out, stats)` and its
 backward; this module compiles it with `torch.utils.cpp_extension` for the CPU's vector ISA (once per machine:
-about 35 s on 2 cores, most of it parsing ATen's headers; cached under `~/.cache/torch_extensions` or
+35-45 s on 2 cores, most of it parsing ATen's headers; cached under `~/.cache/torch_extensions` or
 `$TORCH_EXTENSIONS_DIR`), and gives the op a fake implementation (so `torch.compile` traces it as one opaque
 call) and an autograd formula.
 
