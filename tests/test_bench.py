@@ -29,6 +29,14 @@ def options(**kw) -> bench.BenchOptions:
 
 
 # ------------------------------------------------------------------------------------------ the benchmark runs
+def test_gemm_reference_runs_the_same_product_on_each_cpu_library():
+    steps = bench.gemm_steps(torch.device("cpu"), "fp32", 64)
+    assert set(steps) == ({"aten", "oneDNN"} if layers.ONEDNN_LINEAR else {"aten"})
+    products = [step() for step in steps.values()]
+    for p in products[1:]:
+        torch.testing.assert_close(p, products[0], rtol=1e-4, atol=1e-4)
+
+
 def test_library_times_both_modes_and_reports_memory_and_gemm_fraction():
     records = bench.run_bench(options())
     assert [(r["impl"], r["mode"]) for r in records] == [("tntcli", "infer"), ("tntcli", "train")]
@@ -138,13 +146,13 @@ def test_word_stem_gives_row_major_words_equal_to_a_per_patch_unfold_and_conv():
 def onednn_calls(monkeypatch):
     """Counts the linear products that run on oneDNN, so a test can tell which path really ran."""
     calls = []
-    real = layers._onednn_linear
+    real = layers.onednn_linear
 
     def counting(*args, **kw):
         calls.append(args[0].shape)
         return real(*args, **kw)
 
-    monkeypatch.setattr(layers, "_onednn_linear", counting)
+    monkeypatch.setattr(layers, "onednn_linear", counting)
     return calls
 
 
@@ -165,12 +173,28 @@ def test_fast_inference_path_gives_the_reference_logits(name, onednn_calls):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_fast_training_path_gives_the_reference_gradients(onednn_calls):
-    """CPU training: oneDNN linears forward and backward, explicit attention for the inner transformer's
-    tiny heads (head dim 4 here), class-token-only last layer. Drop-path masks are replayed by seed; dropout is
-    off, as the last layer draws its masks for the class row only."""
+@pytest.mark.parametrize("onednn_weight_grad", [False, True], ids=["mkl-wgrad", "onednn-wgrad"])
+def test_fast_training_path_gives_the_reference_gradients(onednn_calls, monkeypatch, onednn_weight_grad):
+    """CPU training: oneDNN linears forward and backward (weight gradients on either library: which one serves
+    depends on the CPU), explicit attention for the inner transformer's tiny heads (head dim 4 here),
+    class-token-only last layer. Drop-path masks are replayed by seed; dropout is off, as the last layer draws
+    its masks for the class row only."""
+    monkeypatch.setattr(layers, "_ONEDNN_WEIGHT_GRAD", onednn_weight_grad)
     model = create_model("tnt-ti", **{**TINY, "depth": 2, "drop_path_rate": 0.2}).train()
     assert_fast_path_gives_reference_gradients(model, lambda: onednn_calls)
+
+
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+@pytest.mark.parametrize("out_features, in_features", [(24, 96), (96, 24)])
+def test_weight_gradient_is_grad_transposed_times_input(onednn_calls, monkeypatch, onednn, out_features,
+                                                        in_features):
+    """Both orientations of the oneDNN weight gradient (the wider dimension as the product's columns) and MKL's."""
+    monkeypatch.setattr(layers, "_ONEDNN_WEIGHT_GRAD", onednn)
+    grad, x = torch.randn(500, out_features), torch.randn(500, in_features)
+    w = layers._weight_grad(grad, x)
+    assert w.shape == (out_features, in_features) and w.is_contiguous()
+    assert len(onednn_calls) == int(onednn)
+    torch.testing.assert_close(w.double(), grad.double().t() @ x.double(), rtol=1e-5, atol=1e-4)
 
 
 def assert_fast_path_gives_reference_gradients(model, fast_path_calls) -> None:

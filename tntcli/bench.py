@@ -34,7 +34,7 @@ from rich.table import Table
 from torch import nn
 
 from tntcli.errors import TntError
-from tntcli.models.layers import reference_mode
+from tntcli.models.layers import ONEDNN_LINEAR, onednn_linear, reference_mode
 from tntcli.models.registry import create_model, get_spec
 from tntcli.results import atomic_write_text, locked
 
@@ -101,7 +101,8 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{model} ({os.cpu_count()} cores)"
+    # The vector ISA tells apart VMs that share a model name ("AMD EPYC") but run GEMMs at 2x different rates.
+    return f"{model} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def synchronize(device: torch.device) -> None:
@@ -201,10 +202,16 @@ def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device
     return train
 
 
-def gemm_step(device: torch.device, precision: str, size: int = GEMM_SIZE) -> Callable[[], None]:
+def gemm_steps(device: torch.device, precision: str, size: int = GEMM_SIZE) -> dict[str, Callable[[], torch.Tensor]]:
+    """The reference matmul on each library that can run it. On CPU fp32 that is aten's mm (MKL) and oneDNN, which
+    ran it 2.4x faster on an AMD AVX-512 EPYC (MKL takes its AVX2 code there); the faster one is the machine's rate."""
     g = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(size, size, device=device, generator=g, dtype=PRECISIONS[precision]) for _ in range(2))
-    return lambda: torch.mm(a, b)
+    steps = {"aten": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and precision == "fp32" and ONEDNN_LINEAR:
+        b_rows = b.t().contiguous()                 # a linear layer's weight: a @ b_rows.T is a @ b
+        steps["oneDNN"] = lambda: onednn_linear(a, b_rows, None)
+    return steps
 
 
 def timed(fn: Callable[[], None], device: torch.device, iters: int = 1) -> float:
@@ -300,11 +307,12 @@ def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(opts.batch_size, 3, img, img, generator=g).to(device)
     y = torch.randint(0, contestants[0].module.cfg.num_classes, (opts.batch_size,), generator=g).to(device)
-    gemm = gemm_step(device, opts.precision, opts.gemm_size)
-    gemm()
-    gemm_iters = _iters_per_rep(gemm, device, opts.min_rep_seconds)
+    gemms = gemm_steps(device, opts.precision, opts.gemm_size)
+    for gemm in gemms.values():
+        gemm()
+    gemm_iters = {lib: _iters_per_rep(gemm, device, opts.min_rep_seconds) for lib, gemm in gemms.items()}
     times: dict[int, list[float]] = {id(c): [] for c in contestants}
-    gemm_times = []
+    gemm_times: dict[str, list[float]] = {lib: [] for lib in gemms}
     steps = {}
     with tempfile.TemporaryDirectory(prefix="tnt-bench-") as folder:     # holds the --isolate children's inputs
         if opts.isolate:
@@ -318,8 +326,13 @@ def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | 
                 console.print(f"[dim]{mode}: rep {rep + 1}/{opts.reps}[/]", highlight=False)
             for c in contestants:
                 times[id(c)].append(rep_times[id(c)]())
-            gemm_times.append(timed(gemm, device, gemm_iters))
-    gemm_gmacs = opts.gemm_size ** 3 / statistics.median(gemm_times) / 1e9
+            for lib, gemm in gemms.items():
+                gemm_times[lib].append(timed(gemm, device, gemm_iters[lib]))
+    gemm_lib = min(gemm_times, key=lambda lib: statistics.median(gemm_times[lib]))
+    gemm_gmacs = opts.gemm_size ** 3 / statistics.median(gemm_times[gemm_lib]) / 1e9
+    if console:
+        rates = ", ".join(f"{lib} {opts.gemm_size ** 3 / statistics.median(t) / 1e9:.1f}" for lib, t in gemm_times.items())
+        console.print(f"[dim]GEMM reference {mode}: {rates} GMAC/s; the rate is {gemm_lib}'s[/]", highlight=False)
     records = []
     for c in contestants:
         if opts.measure_memory:

@@ -5,7 +5,7 @@ so an optimisation made here reaches all of them.
 
 Fast paths (each measured on CPU, see benchmarks/README.md); inside `reference_mode()` none of them is taken:
 - On CPU in fp32 every linear runs on oneDNN (the kernels `torch.compile`'s CPU backend picks), with the MLP's GELU
-  fused in at inference.
+  fused in at inference. On AVX-512 CPUs its weight gradients run on oneDNN too (`TNT_ONEDNN_WGRAD=0`: MKL's mm).
 - On CPU in fp32, attention over tiny sequences (TNT's inner transformer: 16 words, head dim 6 or 10) runs on our C++
   kernel (`models/kernels.py`, built on first use), forward and backward straight from the fused qkv rows. Without
   it (no compiler, `TNT_CPU_KERNELS=0`, other shapes), CPU training runs tiny heads as explicit
@@ -31,7 +31,11 @@ from torch.autograd.function import once_differentiable
 
 from tntcli.models import kernels
 
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Weight gradients on oneDNN too where the CPU has AVX-512: on an AMD AVX-512 EPYC, MKL's mm (its AVX2 code on AMD)
+# ran them at ~100 GMAC/s and oneDNN at 140-190; on an AVX2 EPYC oneDNN was 11-28% slower for three of four shapes.
+_ONEDNN_WEIGHT_GRAD = (ONEDNN_LINEAR and os.environ.get("TNT_ONEDNN_WGRAD", "1") != "0"
+                       and torch.backends.cpu.get_cpu_capability() == "AVX512")
 _TINY_HEAD_DIM = 16            # heads narrower than this skip SDPA when training on CPU
 _fast_paths = True
 # Compile a narrow layer for CPU training only from this many rows (tokens) on: TNT-S at 224px has 3136 words an
@@ -76,10 +80,10 @@ def _use_tiny_kernel(x: torch.Tensor, words: int, head_dim: int) -> bool:
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return _ONEDNN_LINEAR and weight.dtype == torch.float32 and _cpu_fp32_fast_path(x)
+    return ONEDNN_LINEAR and weight.dtype == torch.float32 and _cpu_fp32_fast_path(x)
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    post_op: str = "none") -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], "none" if post_op == "gelu" else "")
 
@@ -92,7 +96,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -102,12 +106,22 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_2d = grad.view(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad, weight.t().contiguous(), None)
+            grad_x = onednn_linear(grad, weight.t().contiguous(), None)
         if ctx.needs_input_grad[1]:
-            grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            grad_w = _weight_grad(grad_2d, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
+
+
+def _weight_grad(grad_2d: torch.Tensor, x_2d: torch.Tensor) -> torch.Tensor:
+    """grad^T @ x, the weight gradient of a linear layer, with both operands as strided views (no transpose copies).
+    oneDNN ran it faster with the wider of the two dimensions as the product's columns."""
+    if not _ONEDNN_WEIGHT_GRAD:
+        return grad_2d.t() @ x_2d
+    if grad_2d.shape[1] <= x_2d.shape[1]:
+        return onednn_linear(grad_2d.t(), x_2d.t(), None)
+    return onednn_linear(x_2d.t(), grad_2d.t(), None).t().contiguous()
 
 
 def _row_blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -130,7 +144,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu
     """`F.linear`, optionally followed by exact GELU, on the fastest kernel for where and how it runs."""
     if _use_onednn(x, weight):
         if gelu and not torch.is_grad_enabled():      # GELU fused as a post-op: backward would need its input
-            return _onednn_linear(x, weight, bias, "gelu")
+            return onednn_linear(x, weight, bias, "gelu")
         y = _OneDNNLinear.apply(x, weight, bias)
     elif _use_row_blocks(x, weight):
         y = _row_blocked_linear(x, weight, bias)
