@@ -272,29 +272,43 @@ def compiled_calls(compile_any_size, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_inner_transformer_gives_the_reference_gradients(compiled_calls, checkpointing, monkeypatch):
-    """CPU training compiles the inner transformer (inductor fuses its memory-bound passes; its linears run as row
-    blocks); logits and every gradient stay those of the reference path, with activation checkpointing too."""
-    blocked, real = [], layers._row_blocked_linear
+    """CPU training compiles the inner transformer (inductor fuses its memory-bound passes; its skinny linears run on
+    oneDNN as one opaque op, or as row blocks); logits and every gradient stay those of the reference path, with
+    activation checkpointing too."""
+    skinny, real = [], layers._compiled_skinny_linear
 
     def counting(x, weight, bias):
-        blocked.append(tuple(weight.shape))
+        skinny.append(tuple(weight.shape))
         return real(x, weight, bias)
 
-    monkeypatch.setattr(layers, "_row_blocked_linear", counting)
+    monkeypatch.setattr(layers, "_compiled_skinny_linear", counting)
     model = create_model("tnt-ti", **{**TINY, "depth": 2}).train()       # 4 images x 4 patches x 4 words = 64 rows
     model.set_grad_checkpointing(checkpointing)
-    assert_fast_path_gives_reference_gradients(model, lambda: compiled_calls and blocked)
+    assert_fast_path_gives_reference_gradients(model, lambda: compiled_calls and skinny)
 
 
-def test_row_blocked_linear_gives_the_linears_output_and_gradients():
+@pytest.mark.parametrize("kind", ["row_blocks", "onednn_op", "onednn_op_compiled"])
+def test_compiled_skinny_linear_gives_the_linears_output_and_gradients(kind):
+    if kind != "row_blocks" and not layers.ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear")
     torch.manual_seed(0)
     x, weight, bias = (torch.randn(*shape, requires_grad=True) for shape in ((8, 16, 24), (96, 24), (96,)))
-    blocked = layers._row_blocked_linear(x, weight, bias)
-    grads = torch.autograd.grad(blocked.square().sum(), (x, weight, bias))
+    skinny = {"row_blocks": layers._row_blocked_linear, "onednn_op": layers._onednn_linear_op,
+              "onednn_op_compiled": torch.compile(layers._onednn_linear_op, fullgraph=True)}[kind]
+    y = skinny(x, weight, bias)
+    grads = torch.autograd.grad(y.square().sum(), (x, weight, bias))
     plain = F.linear(x, weight, bias)
     for got, want in zip(grads, torch.autograd.grad(plain.square().sum(), (x, weight, bias))):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(blocked, plain)
+    torch.testing.assert_close(y, plain)
+
+
+@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+def test_onednn_custom_op_passes_torchs_operator_checks():
+    # Fake (meta) shapes, schema and autograd registration as torch.compile relies on them.
+    x, weight, bias = torch.randn(128, 24), torch.randn(96, 24, requires_grad=True), torch.randn(96)
+    for args in ((x, weight, bias), (x.requires_grad_(), weight, None)):
+        torch.library.opcheck(layers._onednn_linear_op, args)
 
 
 def test_inner_transformer_is_compiled_only_for_large_cpu_training(compiled_calls, monkeypatch):
