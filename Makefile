@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup ffcv demo test test-fast clean
+.PHONY: setup ffcv kernels demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -21,13 +21,18 @@ $(VENV)/.installed: pyproject.toml
 ffcv: setup
 	@bash scripts/install-ffcv.sh $(PY)
 
+# The CPU attention kernel (tntcli/backends/kernels.py) is built on first use: 35-45 s on 2 cores, once per machine.
+# The tests build it here, up front, so that no test pays for it at random; without a compiler it warns and skips.
+kernels: setup
+	$(PY) -c "from tntcli.backends import kernels; kernels.available()"
+
 demo: setup
 	$(VENV)/bin/tnt train --recipe quickstart
 
-test: setup ffcv
+test: setup ffcv kernels
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup kernels
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

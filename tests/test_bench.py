@@ -1,4 +1,4 @@
-"""`tnt bench` runs and records honestly; the fast model paths compute what the reference paths compute.
+"""`tnt bench` runs and records honestly (the speed paths' parity with the plain model: test_backends.py).
 
 Benchmarks are not tests: nothing here checks a speed. Models are tiny (or one block deep) and run one repetition.
 """
@@ -9,13 +9,13 @@ import sys
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from tntcli import bench
 from tntcli.cli import app
 from tntcli.errors import TntError
-from tntcli.models import create_model, layers
+from tntcli.backends.cpu import ONEDNN_LINEAR
+from tntcli.models import create_model
 
 TINY = {"depth": 1, "patch_size": 8, "inner_stride": 4, "dim": 32, "heads": 2, "word_dim": 8, "inner_heads": 2,
         "img_size": 16, "num_classes": 10}
@@ -31,7 +31,7 @@ def options(**kw) -> bench.BenchOptions:
 # ------------------------------------------------------------------------------------------ the benchmark runs
 def test_gemm_reference_runs_the_same_product_on_each_cpu_library():
     steps = bench.gemm_steps(torch.device("cpu"), "fp32", 64)
-    assert set(steps) == ({"aten", "oneDNN"} if layers.ONEDNN_LINEAR else {"aten"})
+    assert set(steps) == ({"aten", "oneDNN"} if ONEDNN_LINEAR else {"aten"})
     products = [step() for step in steps.values()]
     for p in products[1:]:
         torch.testing.assert_close(p, products[0], rtol=1e-4, atol=1e-4)
@@ -140,205 +140,3 @@ def test_word_stem_gives_row_major_words_equal_to_a_per_patch_unfold_and_conv():
         reference = model.word_embed.proj(patches).flatten(2).transpose(1, 2)
     assert words.is_contiguous()
     torch.testing.assert_close(words, reference, rtol=0, atol=0)
-
-
-@pytest.fixture
-def onednn_calls(monkeypatch):
-    """Counts the linear products that run on oneDNN, so a test can tell which path really ran."""
-    calls = []
-    real = layers.onednn_linear
-
-    def counting(*args, **kw):
-        calls.append(args[0].shape)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(layers, "onednn_linear", counting)
-    return calls
-
-
-@pytest.mark.parametrize("name", ["tnt-ti", "deit-ti"])
-def test_fast_inference_path_gives_the_reference_logits(name, onednn_calls):
-    """CPU inference: oneDNN linears with GELU fused, and a last layer that computes the class token only."""
-    arch = {**TINY, "depth": 2} if name == "tnt-ti" else {"depth": 2, "dim": 48, "heads": 3, "img_size": 32,
-                                                          "num_classes": 10}
-    torch.manual_seed(0)
-    model = create_model(name, **arch).eval()
-    x = torch.randn(3, 3, arch["img_size"], arch["img_size"])
-    with torch.inference_mode():
-        fast = model(x)
-        taken = len(onednn_calls)
-        with layers.reference_mode():
-            reference = model(x)
-    assert taken > 0 and len(onednn_calls) == taken                      # fast path ran; reference did not
-    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("onednn_weight_grad", [False, True], ids=["mkl-wgrad", "onednn-wgrad"])
-def test_fast_training_path_gives_the_reference_gradients(onednn_calls, monkeypatch, onednn_weight_grad):
-    """CPU training: oneDNN linears forward and backward (weight gradients on either library: which one serves
-    depends on the CPU), explicit attention for the inner transformer's tiny heads (head dim 4 here),
-    class-token-only last layer. Drop-path masks are replayed by seed; dropout is off, as the last layer draws
-    its masks for the class row only."""
-    monkeypatch.setattr(layers, "_ONEDNN_WEIGHT_GRAD", onednn_weight_grad)
-    model = create_model("tnt-ti", **{**TINY, "depth": 2, "drop_path_rate": 0.2}).train()
-    assert_fast_path_gives_reference_gradients(model, lambda: onednn_calls)
-
-
-@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
-@pytest.mark.parametrize("out_features, in_features", [(24, 96), (96, 24)])
-def test_weight_gradient_is_grad_transposed_times_input(onednn_calls, monkeypatch, onednn, out_features,
-                                                        in_features):
-    """Both orientations of the oneDNN weight gradient (the wider dimension as the product's columns) and MKL's."""
-    monkeypatch.setattr(layers, "_ONEDNN_WEIGHT_GRAD", onednn)
-    grad, x = torch.randn(500, out_features), torch.randn(500, in_features)
-    w = layers._weight_grad(grad, x)
-    assert w.shape == (out_features, in_features) and w.is_contiguous()
-    assert len(onednn_calls) == int(onednn)
-    torch.testing.assert_close(w.double(), grad.double().t() @ x.double(), rtol=1e-5, atol=1e-4)
-
-
-def assert_fast_path_gives_reference_gradients(model, fast_path_calls) -> None:
-    """Logits and every parameter gradient of a training step, fast path vs `reference_mode` (same seed)."""
-    x = torch.randn(4, 3, 16, 16)
-
-    def logits_and_grads():
-        model.zero_grad()
-        torch.manual_seed(1)
-        out = model(x)
-        out.square().sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    fast, fast_grads = logits_and_grads()
-    assert fast_path_calls(), "the fast path did not run"
-    with layers.reference_mode():
-        reference, reference_grads = logits_and_grads()
-    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
-    for n, g in reference_grads.items():
-        torch.testing.assert_close(fast_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
-def test_autocast_and_tracing_take_the_plain_path(onednn_calls):
-    model = create_model("tnt-ti", **TINY).eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert model(x).dtype == torch.bfloat16
-        torch.jit.trace(model, x, check_trace=False)
-    assert onednn_calls == []
-
-
-def test_cls_only_layer_returns_the_full_layers_class_row_but_not_with_se():
-    torch.manual_seed(0)
-    x = torch.randn(2, 9, 32)
-    for se, rows in ((False, 1), (True, 9)):
-        layer = layers.TransformerLayer(32, 2, se=se).eval()
-        with torch.no_grad():
-            full, first = layer(x), layer(x, cls_only=True)
-        assert first.shape == (2, rows, 32)
-        torch.testing.assert_close(first[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
-
-
-def test_flop_count_is_the_nominal_cost_of_every_token():
-    """`cls_only` saves work at run time, but FLOPs are counted for the architecture (as papers do)."""
-    from tntcli.flops import count_macs
-    model = create_model("deit-ti", depth=2, dim=48, heads=3, img_size=32, num_classes=10)
-    with layers.reference_mode():
-        reference = count_macs(model, 32).total()
-    assert count_macs(model, 32).total() == reference
-
-
-@pytest.fixture
-def compile_any_size(monkeypatch):
-    """Compile the inner transformer whatever its size (tests use tiny models)."""
-    monkeypatch.setattr(layers, "_COMPILE_MIN_ROWS", 1)
-    monkeypatch.setattr(layers, "_compile_failed", False)
-    monkeypatch.delenv("TNT_CPU_COMPILE", raising=False)
-
-
-@pytest.fixture
-def compiled_calls(compile_any_size, monkeypatch):
-    """Record the input shape of each compiled call of the inner transformer."""
-    calls, real = [], layers._compiled_apply()
-
-    def counting(layer, x):
-        calls.append(tuple(x.shape))
-        return real(layer, x)
-
-    monkeypatch.setattr(layers, "_compiled_apply", lambda: counting)
-    return calls
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_inner_transformer_gives_the_reference_gradients(compiled_calls, checkpointing, monkeypatch):
-    """CPU training compiles the inner transformer (inductor fuses its memory-bound passes; its skinny linears run on
-    oneDNN as one opaque op, or as row blocks); logits and every gradient stay those of the reference path, with
-    activation checkpointing too."""
-    skinny, real = [], layers._compiled_skinny_linear
-
-    def counting(x, weight, bias):
-        skinny.append(tuple(weight.shape))
-        return real(x, weight, bias)
-
-    monkeypatch.setattr(layers, "_compiled_skinny_linear", counting)
-    model = create_model("tnt-ti", **{**TINY, "depth": 2}).train()       # 4 images x 4 patches x 4 words = 64 rows
-    model.set_grad_checkpointing(checkpointing)
-    assert_fast_path_gives_reference_gradients(model, lambda: compiled_calls and skinny)
-
-
-@pytest.mark.parametrize("kind", ["row_blocks", "onednn_op", "onednn_op_compiled"])
-def test_compiled_skinny_linear_gives_the_linears_output_and_gradients(kind):
-    if kind != "row_blocks" and not layers.ONEDNN_LINEAR:
-        pytest.skip("this torch has no oneDNN linear")
-    torch.manual_seed(0)
-    x, weight, bias = (torch.randn(*shape, requires_grad=True) for shape in ((8, 16, 24), (96, 24), (96,)))
-    skinny = {"row_blocks": layers._row_blocked_linear, "onednn_op": layers._onednn_linear_op,
-              "onednn_op_compiled": torch.compile(layers._onednn_linear_op, fullgraph=True)}[kind]
-    y = skinny(x, weight, bias)
-    grads = torch.autograd.grad(y.square().sum(), (x, weight, bias))
-    plain = F.linear(x, weight, bias)
-    for got, want in zip(grads, torch.autograd.grad(plain.square().sum(), (x, weight, bias))):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(y, plain)
-
-
-@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
-def test_onednn_custom_op_passes_torchs_operator_checks():
-    # Fake (meta) shapes, schema and autograd registration as torch.compile relies on them.
-    x, weight, bias = torch.randn(128, 24), torch.randn(96, 24, requires_grad=True), torch.randn(96)
-    for args in ((x, weight, bias), (x.requires_grad_(), weight, None)):
-        torch.library.opcheck(layers._onednn_linear_op, args)
-
-
-def test_inner_transformer_is_compiled_only_for_large_cpu_training(compiled_calls, monkeypatch):
-    model = create_model("tnt-ti", **{**TINY, "depth": 1})
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        model.train()(x)                                   # no gradients: eager
-    monkeypatch.setenv("TNT_CPU_COMPILE", "0")
-    model(x).sum().backward()                              # switched off: eager
-    monkeypatch.setattr(layers, "_COMPILE_MIN_ROWS", 10**6)
-    monkeypatch.delenv("TNT_CPU_COMPILE")
-    model(x).sum().backward()                              # below the size threshold: eager
-    assert compiled_calls == []
-
-
-def test_a_failing_compiler_falls_back_to_eager_with_one_warning(compile_any_size, monkeypatch, caplog):
-    attempts = []
-
-    def broken(layer, x):
-        attempts.append(1)
-        raise RuntimeError("no C++ compiler found\nlong details")
-
-    monkeypatch.setattr(layers, "_compiled_apply", lambda: broken)
-    layer = layers.TransformerLayer(8, 2).train()
-    x = torch.randn(3, 5, 8, requires_grad=True)
-    with caplog.at_level("WARNING", logger=layers.__name__):
-        first, second = layer(x), layers.apply_layer(layer, x)
-        outputs = [layers.apply_layer(layer, x) for _ in range(2)]
-    for out in (second, *outputs):
-        torch.testing.assert_close(out, first)
-    assert attempts == [1]                                 # tried once, then eager for good
-    assert [r.getMessage() for r in caplog.records] == [
-        "torch.compile of the inner transformer failed, running it eagerly: no C++ compiler found"]

@@ -34,6 +34,7 @@ from tntcli.config import RunConfig, build_config, run_model_config
 from tntcli.engine.train import train
 from tntcli.errors import TntError
 from tntcli.flops import count_macs, trainable_params
+from tntcli.backends import apply_backend
 from tntcli.models.registry import build_model, get_spec
 from tntcli.models.tnt import TNTConfig
 from tntcli.paper import paper_figures
@@ -255,6 +256,8 @@ class StepTimer:
         with torch.no_grad():
             self.gmacs = count_macs(build_model(dataclasses.replace(mc, drop_path_rate=0.0)), mc.img_size).total() / 1e9
         self.model = build_model(mc).to(self.device).train()
+        apply_backend(self.model, cfg.train.backend, device=self.device, training=True,
+                      batch_size=cfg.data.batch_size)
         self.params_m = trainable_params(self.model) / 1e6
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.images = torch.randn(cfg.data.batch_size, 3, mc.img_size, mc.img_size, device=self.device)

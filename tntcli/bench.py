@@ -1,7 +1,7 @@
 """Throughput benchmark: images/s and peak memory of inference and training steps, optionally against timm.
 
 Contestants (ours; with `--vs timm` timm's counterpart with our weights loaded, so both compute the same function;
-with `--vs reference` our own model with its fast paths off, `layers.reference_mode`) are timed in the same
+with `--vs reference` our plain model, with no backend applied) are timed in the same
 process (with `--isolate`, each repetition in a fresh one), alternating repetition by repetition, on identical
 inputs; a large GEMM is timed in the same loop as the machine's reference matrix-multiply rate. Medians and
 min-max spreads are reported, because a shared machine's timings drift. Rows go to a rich table and are appended
@@ -34,7 +34,8 @@ from rich.table import Table
 from torch import nn
 
 from tntcli.errors import TntError
-from tntcli.models.layers import ONEDNN_LINEAR, onednn_linear, reference_mode
+from tntcli.backends import apply_backend
+from tntcli.backends.cpu import ONEDNN_LINEAR, onednn_linear
 from tntcli.models.registry import create_model, get_spec
 from tntcli.results import atomic_write_text, locked
 
@@ -67,6 +68,7 @@ class BenchOptions:
     gemm_size: int = GEMM_SIZE
     min_rep_seconds: float = MIN_REP_SECONDS
     arch: dict[str, Any] = field(default_factory=dict)   # e.g. {"depth": 1}: reduced models for tests
+    drop_path: float = 0.1            # the paper recipe's stochastic depth (it changes what training compiles)
 
 
 @dataclass
@@ -125,18 +127,27 @@ def _import_timm():
     return timm
 
 
-def _max_logit_diff(ours: nn.Module, other: nn.Module, reference: bool = False) -> float:
+def with_backend(model: nn.Module, mode: str, opts: BenchOptions, device: torch.device) -> nn.Module:
+    """A copy of our plain model with the speed paths the engine would give it for `mode` on `device`."""
+    fast = copy.deepcopy(model).to(device)
+    dtype = None if opts.precision == "fp32" else PRECISIONS[opts.precision]
+    apply_backend(fast, device=device, dtype=dtype, training=mode == "train", batch_size=opts.batch_size)
+    return fast
+
+
+def _max_logit_diff(ours: nn.Module, other: nn.Module) -> float:
+    """Max |logit difference| between our model with its CPU inference paths and `other`, in fp32."""
     x = torch.randn(2, 3, ours.cfg.img_size, ours.cfg.img_size, generator=torch.Generator().manual_seed(0))
+    fast = copy.deepcopy(ours)
+    apply_backend(fast, device="cpu", training=False)
     with torch.no_grad():
-        mine = ours.eval()(x)
-        with reference_mode() if reference else contextlib.nullcontext():
-            return (mine - other.eval()(x)).abs().max().item()
+        return (fast.eval()(x) - other.eval()(x)).abs().max().item()
 
 
 def reference_counterpart(name: str, ours: nn.Module) -> Contestant:
-    """A copy of our model that runs with every fast path off (the plain aten reference)."""
+    """Our model with no backend applied: the plain aten reference."""
     ref = copy.deepcopy(ours)
-    return Contestant(name, "reference", ref, _max_logit_diff(ours, ref, reference=True))
+    return Contestant(name, "reference", ref, _max_logit_diff(ours, ref))
 
 
 def _timm_model(name: str, arch: dict[str, Any]) -> nn.Module:
@@ -152,7 +163,7 @@ def timm_counterpart(name: str, ours: nn.Module, arch: dict[str, Any]) -> Contes
         raise TntError(f"--vs timm can only reduce depth, not {', '.join(unsupported)}")
     from tntcli.models.checkpoints import export_timm
 
-    ref = _timm_model(name, arch)
+    ref = _timm_model(name, {**arch, "drop_path_rate": ours.cfg.drop_path_rate})
     ref.load_state_dict(export_timm(ours))
     return Contestant(name, "timm", ref, _max_logit_diff(ours, ref))
 
@@ -161,7 +172,7 @@ def build_contestants(opts: BenchOptions) -> list[Contestant]:
     out = []
     for name in opts.models:
         get_spec(name)
-        ours = create_model(name, **opts.arch)
+        ours = create_model(name, **{"drop_path_rate": opts.drop_path, **opts.arch})
         out.append(Contestant(name, "tntcli", ours))
         if opts.vs_reference:
             out.append(reference_counterpart(name, ours))
@@ -174,18 +185,17 @@ def build_contestants(opts: BenchOptions) -> list[Contestant]:
 def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device, x: torch.Tensor,
               y: torch.Tensor) -> Callable[[], None]:
     """One inference forward or one training step (forward, cross-entropy, backward, AdamW) of a contestant."""
-    module = c.module.to(device)
+    module = with_backend(c.module, mode, opts, device) if c.impl == "tntcli" else c.module.to(device)
     if opts.grad_checkpointing:
         if not hasattr(module, "set_grad_checkpointing"):
             raise TntError(f"{c.model} ({c.impl}) has no activation checkpointing")
         module.set_grad_checkpointing(True)
     model = torch.compile(module) if opts.compile else module
-    paths = reference_mode if c.impl == "reference" else contextlib.nullcontext
     if mode == "infer":
         module.eval()
 
         def infer() -> None:
-            with paths(), torch.inference_mode(), autocast(device, opts.precision):
+            with torch.inference_mode(), autocast(device, opts.precision):
                 model(x)
         return infer
 
@@ -194,10 +204,9 @@ def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device
 
     def train() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with paths():
-            with autocast(device, opts.precision):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
+        with autocast(device, opts.precision):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         optimizer.step()
     return train
 
@@ -376,7 +385,9 @@ def isolated_rep(spec_path: str) -> None:
     opts, device = spec["opts"], torch.device(spec["device"])
     torch.set_num_threads(spec["threads"])
     name, arch = spec["model"], opts.arch
-    module = _timm_model(name, arch) if spec["impl"] == "timm" else create_model(name, **arch)
+    drop_path = {"drop_path_rate": opts.drop_path}
+    module = (_timm_model(name, {**arch, **drop_path}) if spec["impl"] == "timm"
+              else create_model(name, **{**drop_path, **arch}))
     module.load_state_dict(spec["state_dict"])
     contestant = Contestant(spec["model"], spec["impl"], module)
     step = make_step(contestant, spec["mode"], opts, device, spec["x"].to(device), spec["y"].to(device))

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from tntcli.backends import BACKENDS
 from tntcli.data import AugmentSettings
 from tntcli.errors import TntError
 
@@ -67,6 +68,7 @@ class TrainSection:
     ema_decay: float | None = 0.99996    # None or 0: no EMA model
     amp: str = "auto"                    # auto (bf16 on GPU, off on CPU), bf16, fp16, off
     compile: bool = False
+    backend: str = "auto"                # speed paths: auto | reference | cpu-fast | cpu-eager | cuda (tntcli/backends)
     repeated_aug: int = 3                # DeiT's repeated augmentation, used when distributed
     max_steps: int | None = None         # cap on train steps per epoch (smoke tests, quick looks)
     eval_every: int = 1
@@ -208,6 +210,7 @@ def validate(cfg: RunConfig) -> None:
         (0 <= cfg.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
         (cfg.optim.warmup_epochs >= 0 and cfg.optim.cooldown_epochs >= 0, "warmup/cooldown epochs must be >= 0"),
         (cfg.train.amp in ("auto", "bf16", "fp16", "off"), "train.amp must be auto, bf16, fp16 or off"),
+        (cfg.train.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}"),
         (cfg.train.nan_policy in ("stop", "skip"), "train.nan_policy must be stop or skip"),
         (cfg.train.ema_decay is None or 0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),

@@ -18,7 +18,6 @@ from rich.table import Table
 from torch import nn
 
 from tntcli.errors import TntError
-from tntcli.models.layers import reference_mode
 from tntcli.models.registry import MODELS, create_model, get_spec
 from tntcli.paper import model_figures
 from tntcli.results import write_table
@@ -51,8 +50,7 @@ def count_macs(model: nn.Module, img_size: int):
     x = torch.zeros(1, 3, img_size, img_size)
     analysis = FlopCountAnalysis(model.eval(), x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    with reference_mode():  # the nominal cost (every token, aten ops fvcore knows); fvcore traces on first query
-        analysis.total()
+    analysis.total()        # fvcore traces on the first query; the plain model: the architecture's nominal cost
     return analysis
 
 

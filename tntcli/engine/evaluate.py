@@ -59,6 +59,7 @@ def run_eval(*, model_name: str | None, checkpoint: str, data: str, data_root: s
 
     import pandas as pd
 
+    from tntcli.backends import apply_backend
     from tntcli.data import build_loaders
     from tntcli.errors import TntError
     from tntcli.models.checkpoints import load_checkpoint
@@ -79,6 +80,7 @@ def run_eval(*, model_name: str | None, checkpoint: str, data: str, data_root: s
                            f"{loaders.num_classes}; fine-tune it with `tnt transfer` first")
         model.to(device)
         dtype = torch.bfloat16 if device.type == "cuda" else None
+        apply_backend(model, device=device, dtype=dtype, training=False, batch_size=batch_size)
         autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         if reporter is not None:
             with reporter.bar(f"eval {name}", len(loaders.val)) as bar:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tntcli.backends import apply_backend
 from tntcli.config import RunConfig, build_config, dump_yaml, run_model_config
 from tntcli.data import build_loaders
 from tntcli.engine import distributed
@@ -200,6 +201,9 @@ def _run(cfg, run_dir, state, loaders, img_size, env, stop, reporter) -> dict[st
     params_m = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     gmacs = _count_gmacs(model_cfg) if env.is_main else float("nan")
     model.to(env.device)
+    dtype = amp_dtype(cfg.train.amp, env.device)
+    backend = apply_backend(model, cfg.train.backend, device=env.device, dtype=dtype, training=True,
+                            batch_size=cfg.data.batch_size)
     seed_everything(cfg.train.seed + env.rank)            # ranks share weights but not dropout masks
     ema = None
     if cfg.train.ema_decay:
@@ -218,7 +222,6 @@ def _run(cfg, run_dir, state, loaders, img_size, env, stop, reporter) -> dict[st
                           backbone_lr_scale=cfg.optim.backbone_lr_scale)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     sched = build_scheduler(opt, cfg, lr, steps_per_epoch)
-    dtype = amp_dtype(cfg.train.amp, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
     autocast = (lambda: torch.autocast(env.device.type, dtype=dtype)) if dtype else nullcontext
 
@@ -257,7 +260,7 @@ def _run(cfg, run_dir, state, loaders, img_size, env, stop, reporter) -> dict[st
                    "params_m": round(params_m, 4), "gmacs": round(gmacs, 4), "img_size": img_size,
                    "num_classes": loaders.num_classes, "data": cfg.data.data, "status": status,
                    "seconds": round(sum(r["seconds"] for r in history), 2), "device": _device_name(env),
-                   "world_size": env.world_size, "torch": torch.__version__, **extra}
+                   "backend": backend, "world_size": env.world_size, "torch": torch.__version__, **extra}
         if env.is_main:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

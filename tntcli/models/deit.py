@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tntcli.models.layers import TransformerLayer, drop_path_rates, init_vit_weights, linear
+from tntcli.models.layers import TransformerLayer, drop_path_rates, init_vit_weights
 
 
 @dataclass
@@ -68,12 +68,11 @@ class DeiT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = self.pos_drop(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cls_only=i == len(self.blocks) - 1)   # the head reads only the class token at the end
-        return self.norm(x[:, 0])
+        return self.norm(self.blocks(x)[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.forward_features(x), self.head)
+        """Images (B, 3, H, W) -> logits (B, classes)."""
+        return self.head(self.forward_features(x))
 
 
 def convert_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

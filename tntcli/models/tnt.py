@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tntcli.models.layers import TransformerLayer, apply_layer, drop_path_rates, init_vit_weights, linear
+from tntcli.models.layers import TransformerLayer, drop_path_rates, init_vit_weights
 
 
 @dataclass
@@ -102,9 +102,10 @@ class WordsToSentence(nn.Module):
         self.norm_out = nn.Identity() if legacy else nn.LayerNorm(dim, eps=eps)
 
     def forward(self, words: torch.Tensor, batch: int) -> torch.Tensor:
+        """(batch * patches, words, c) -> (batch, patches, d)."""
         if self.legacy:
-            return linear(self.norm_in(words).reshape(batch, -1, self.proj.in_features), self.proj)
-        return self.norm_out(linear(self.norm_in(words.reshape(batch, -1, self.proj.in_features)), self.proj))
+            return self.proj(self.norm_in(words).reshape(batch, -1, self.proj.in_features))
+        return self.norm_out(self.proj(self.norm_in(words.reshape(batch, -1, self.proj.in_features))))
 
 
 class TNTBlock(nn.Module):
@@ -121,14 +122,14 @@ class TNTBlock(nn.Module):
                                                      legacy=cfg.legacy, eps=cfg.norm_eps)
         self.outer = TransformerLayer(cfg.dim, cfg.heads, cfg.mlp_ratio, se=cfg.se, **common)
 
-    def forward(self, words: torch.Tensor, sentences: torch.Tensor,
-                cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, words: torch.Tensor, sentences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """words (B*patches, words, c), sentences (B, 1 + patches, d) -> the same shapes."""
         if self.inner is not None:
-            words = apply_layer(self.inner, words)
+            words = self.inner(words)
             # The cls token (row 0) gets no words: a zero row padded onto the projection instead of slice + cat,
             # so backward passes the sentences' gradient straight through (no zero-filled slice gradients).
             sentences = sentences + F.pad(self.words_to_sentence(words, sentences.shape[0]), (0, 0, 1, 0))
-        return words, self.outer(sentences, cls_only)
+        return words, self.outer(sentences)
 
 
 class TNT(nn.Module):
@@ -170,16 +171,16 @@ class TNT(nn.Module):
         if self.sentence_pos is not None:
             sentences = sentences + self.sentence_pos
         sentences = self.pos_drop(sentences)
-        for i, block in enumerate(self.blocks):
-            cls_only = i == len(self.blocks) - 1         # the head reads only the class token after the last block
+        for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                words, sentences = checkpoint(block, words, sentences, cls_only, use_reentrant=False)
+                words, sentences = checkpoint(block, words, sentences, use_reentrant=False)
             else:
-                words, sentences = block(words, sentences, cls_only)
+                words, sentences = block(words, sentences)
         return self.norm(sentences[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.forward_features(x), self.head)
+        """Images (B, 3, H, W) -> logits (B, classes)."""
+        return self.head(self.forward_features(x))
 
 
 # --------------------------------------------------------------------------------- checkpoint converters

@@ -6,7 +6,7 @@ backward; this module compiles it with `torch.utils.cpp_extension` for the CPU's
 `$TORCH_EXTENSIONS_DIR`), and gives the op a fake implementation (so `torch.compile` traces it as one opaque
 call) and an autograd formula.
 
-Without a C++ compiler, or with `TNT_CPU_KERNELS=0`, `available()` is False and the models keep their aten path.
+Without a C++ compiler `available()` is False and the CPU backend keeps aten's attention.
 """
 from __future__ import annotations
 
@@ -39,23 +39,20 @@ def supports(words: int, head_dim: int) -> bool:
 
 
 def available() -> bool:
-    """Whether the kernel is loaded, building it on the first call (outside `torch.compile`, which only reads
-    the state: a graph traced before the build keeps the aten path)."""
+    """Whether the kernel is loaded, building it on the first call (the CPU backend asks when it is applied)."""
     global _state
-    if _state is None and not torch.compiler.is_compiling():
+    if _state is None:
         _state = _load()
     return bool(_state)
 
 
 def tiny_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v per head, from fused qkv rows (sequences, words, 3 * dim; q, k, v each heads x
-    head_dim) to (sequences, words, dim), heads side by side: what `linear(x, qkv)` gives and `proj` reads."""
+    head_dim) to (sequences, words, dim), heads side by side: what the `qkv` linear gives and `proj` reads."""
     return torch.ops.tnt.tiny_attention(qkv, heads, scale)[0]
 
 
 def _load() -> bool:
-    if os.environ.get("TNT_CPU_KERNELS", "1") == "0":
-        return False
     try:
         _build()
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a build error: keep the aten path
@@ -65,9 +62,15 @@ def _load() -> bool:
     return True
 
 
-def _build() -> None:
-    from torch.utils.cpp_extension import get_default_build_root, load_inline
+def _build_root() -> Path:
+    # torch.utils.cpp_extension's default, without importing it: that import logs a CUDA_HOME warning on machines
+    # without CUDA, and is only needed when the kernel is actually compiled.
+    from torch._appdirs import user_cache_dir
 
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.realpath(user_cache_dir(appname="torch_extensions")))
+
+
+def _build() -> None:
     isa = torch.backends.cpu.get_cpu_capability()
     flags = _ISA_FLAGS.get(isa, [])
     capability = isa if flags else "DEFAULT"
@@ -78,11 +81,13 @@ def _build() -> None:
     # cpp_extension's up-to-date check in every process (and venvs with the same torch share one build).
     key = hashlib.sha256("\0".join([source, *cflags, torch.__version__]).encode()).hexdigest()[:12]
     name = f"tnt_tiny_attention_{capability.lower()}_{key}"
-    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+    build_dir = _build_root() / name
     library = build_dir / f"{name}.so"
     if library.is_file() and not (build_dir / "lock").exists():      # built, and no build in progress
         torch.ops.load_library(str(library))
     else:
+        from torch.utils.cpp_extension import load_inline
+
         if shutil.which("ninja") is None:          # the `ninja` wheel puts it beside this interpreter
             os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         log.info("building the CPU attention kernel for %s (once per machine)", capability)
