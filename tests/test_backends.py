@@ -395,3 +395,18 @@ def test_the_fastest_cuda_candidate_is_chosen_and_a_failing_one_is_skipped(monke
     layer = TransformerLayer(8, 2)
     assert cuda.choose_inner_attention(layer, (6, 4, 8), None, training=True) == "explicit"
     assert timed == ["sdpa", "explicit", "compiled"]
+
+
+def test_a_stale_kernel_build_lock_is_cleared_but_a_fresh_one_is_respected(tmp_path):
+    """A build killed midway leaves cpp_extension's lock behind; it must not send every later process through a
+    rebuild check (slow, and a CUDA_HOME warning on CPU machines)."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert kernels._build_in_progress(lock) and lock.exists()
+    old = time.time() - 2 * kernels._STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    assert not kernels._build_in_progress(lock) and not lock.exists()
+    assert not kernels._build_in_progress(lock)

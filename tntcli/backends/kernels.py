@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
 }
+_STALE_LOCK_SECONDS = 600           # a build takes 35-45 s on 2 cores
 _state: bool | None = None          # None: not tried yet
 
 
@@ -83,7 +85,7 @@ def _build() -> None:
     name = f"tnt_tiny_attention_{capability.lower()}_{key}"
     build_dir = _build_root() / name
     library = build_dir / f"{name}.so"
-    if library.is_file() and not (build_dir / "lock").exists():      # built, and no build in progress
+    if library.is_file() and not _build_in_progress(build_dir / "lock"):
         torch.ops.load_library(str(library))
     else:
         from torch.utils.cpp_extension import load_inline
@@ -95,6 +97,17 @@ def _build() -> None:
         load_inline(name, cpp_sources=[source], is_python_module=False, extra_cflags=cflags,
                     extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
     _register()
+
+
+def _build_in_progress(lock: Path) -> bool:
+    """cpp_extension holds `lock` while it builds; a build killed midway leaves it behind for good, which would send
+    every later process through cpp_extension's slow path. A lock older than any build (minutes) is stale."""
+    if not lock.exists():
+        return False
+    if time.time() - lock.stat().st_mtime < _STALE_LOCK_SECONDS:
+        return True
+    lock.unlink(missing_ok=True)
+    return False
 
 
 @functools.cache                    # once a process, however often the build is retried
