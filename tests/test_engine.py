@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tntcli.config import build_config
+from tntcli.engine import step as step_mod
 from tntcli.engine import train as train_mod
 from tntcli.engine.train import StopFlag, train
 from tntcli.errors import Preempted, TntError
@@ -134,11 +135,33 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 6 else loss
 
-    monkeypatch.setattr(train_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
+    monkeypatch.setattr(step_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
     run = tmp_path / "nan"
     with pytest.raises(TntError, match="non-finite loss at epoch 2 step 2"):
         train(tiny_config(), out=run)
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
+
+
+def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    calls = {"n": 0}
+    real = torch.nn.functional.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(step_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
+    log = io.StringIO()
+    summary = train(tiny_config(**{"train.nan_policy": "skip"}), out=tmp_path / "skip",
+                    console=Console(file=log, width=200))
+    assert summary["status"] == "completed"
+    assert "non-finite loss at epoch 2 step 2: skipped" in log.getvalue()
+    assert metrics(tmp_path / "skip").train_loss.notna().all()
 
 
 @pytest.mark.parametrize("overrides, message", [

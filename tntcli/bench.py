@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
-import io
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,11 +26,12 @@ from typing import Any, Callable
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from tntcli.engine.runtime import autocast, count_gmacs, device_name, resolve_device, synchronize
+from tntcli.engine.step import TrainStep, adamw
 from tntcli.errors import TntError
 from tntcli.models.layers import ONEDNN_LINEAR, onednn_linear, reference_mode
 from tntcli.models.registry import create_model, get_spec
@@ -78,42 +77,8 @@ class Contestant:
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TntError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TntError(f"--device {name}: no CUDA GPU is available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise TntError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    # The vector ISA tells apart VMs that share a model name ("AMD EPYC") but run GEMMs at 2x different rates.
-    return f"{model} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+def precision_autocast(device: torch.device, precision: str):
+    return autocast(device, PRECISIONS[precision])
 
 
 # ----------------------------------------------------------------------------------------------- contestants
@@ -174,7 +139,7 @@ def build_contestants(opts: BenchOptions) -> list[Contestant]:
 def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device, x: torch.Tensor,
               y: torch.Tensor) -> Callable[[], None]:
     """One inference forward or one training step (forward, cross-entropy, backward, AdamW) of a contestant."""
-    module = c.module.to(device)
+    module = c.module.to(device)                     # the model on its device: backend speed paths go right here
     if opts.grad_checkpointing:
         if not hasattr(module, "set_grad_checkpointing"):
             raise TntError(f"{c.model} ({c.impl}) has no activation checkpointing")
@@ -185,20 +150,17 @@ def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device
         module.eval()
 
         def infer() -> None:
-            with paths(), torch.inference_mode(), autocast(device, opts.precision):
+            with paths(), torch.inference_mode(), precision_autocast(device, opts.precision):
                 model(x)
         return infer
 
     module.train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    step = TrainStep(model, module, adamw(module.parameters(), device, lr=1e-4),
+                     autocast=lambda: precision_autocast(device, opts.precision))
 
     def train() -> None:
-        optimizer.zero_grad(set_to_none=True)
         with paths():
-            with autocast(device, opts.precision):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-        optimizer.step()
+            step(x, y)
     return train
 
 
@@ -288,14 +250,11 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[dict[s
 
 def _gmacs_per_image(contestants: list[Contestant]) -> dict[str, float | None]:
     """fvcore forward GMACs of one image through our model (timm's counterpart computes the same function)."""
-    from tntcli.flops import count_macs
-
     out = {}
     for c in contestants:
         if c.impl == "tntcli":
             try:
-                with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                    out[c.model] = count_macs(c.module, c.module.cfg.img_size).total() / 1e9
+                out[c.model] = count_gmacs(c.module.cfg)
             except Exception:                                # a tracer failure costs a column, not the run
                 out[c.model] = None
     return out

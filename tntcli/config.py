@@ -137,7 +137,13 @@ class TrainSection:
     max_steps: int | None = setting(None, "Cap on train steps per epoch (smoke tests, quick looks).",
                                     flag("--max-steps", min=1))
     eval_every: int = setting(1, "Evaluate every this many epochs (and after the last).")
-    nan_policy: str = setting("stop", "What a non-finite loss does: stop | skip.")
+    log_every: int = setting(50, "Read the loss back from the device, log it and act on a non-finite loss every "
+                             "this many steps (and at the epoch end); steps in between never wait for the host.",
+                             flag("--log-every", min=1))
+    nan_policy: str = setting(
+        "stop", "What a non-finite loss does: stop (at the next log step, naming the step; the checkpoint on disk "
+        "predates it) | skip (the step changes no weight, optimiser state or EMA; the lr schedule still advances; "
+        "costs a copy of the weights and optimiser state per step).")
     checkpoint_every_steps: int | None = setting(None, "Also save mid-epoch every this many steps (resume is "
                                                  "exact either way).")
 
@@ -301,6 +307,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.nan_policy in ("stop", "skip"), "train.nan_policy must be stop or skip"),
         (cfg.train.ema_decay is None or 0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1]"),
         (cfg.optim.backbone_lr_scale > 0, "optim.backbone_lr_scale must be > 0 (model.freeze_backbone freezes it)"),
         (cfg.model.img_size is None or cfg.model.img_size > 0, "model.img_size must be > 0"),
