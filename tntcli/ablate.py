@@ -38,8 +38,9 @@ from tntcli.flops import trainable_params
 from tntcli.models.registry import build_model, get_spec
 from tntcli.models.tnt import TNTConfig
 from tntcli.paper import paper_figures
-from tntcli.results import (ABLATION_MARKER, pyplot, atomic_write_text, draw_top1_vs_gmacs, plot_training_curves,
-                            read_run, save_figure, write_table)
+from tntcli.results import (pyplot, atomic_write_text, draw_top1_vs_gmacs, plot_training_curves, save_figure,
+                            write_table)
+from tntcli.runs import ABLATION_MARKER, read_run
 
 FLAG_NAMES = "--no-inner, --inner-blocks, --no-word-pos, --no-sentence-pos, --inner-heads, --words or --se"
 PAPER_SETTING = "TNT-S, 224px, ImageNet"

@@ -115,7 +115,7 @@ def timm_counterpart(name: str, ours: nn.Module, arch: dict[str, Any]) -> Contes
     unsupported = sorted(set(arch) - {"depth"})
     if unsupported:
         raise TntError(f"--vs timm can only reduce depth, not {', '.join(unsupported)}")
-    from tntcli.models.checkpoints import export_timm
+    from tntcli.models.weights import export_timm
 
     ref = _timm_model(name, arch)
     ref.load_state_dict(export_timm(ours))

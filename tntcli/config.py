@@ -320,11 +320,6 @@ def validate(cfg: RunConfig) -> None:
             raise TntError(message)
 
 
-def config_from_dict(d: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from a saved `config.yaml` / checkpoint record."""
-    return build_config(d)
-
-
 def run_model_config(cfg: RunConfig, num_classes: int = 1000):
     """The model config a run builds: the named model with `model.arch` overrides; `model.img_size` wins over an
     `arch` img_size, 224 when neither is set. The engine, `tnt ablate` and `tnt transfer` all build through this."""

@@ -62,7 +62,7 @@ def run_eval(*, model_name: str | None, checkpoint: str, data: str, data_root: s
 
     from tntcli.data import build_loaders
     from tntcli.errors import TntError
-    from tntcli.models.checkpoints import load_checkpoint
+    from tntcli.models.weights import load_checkpoint
     from tntcli.models.registry import get_spec
     from tntcli.results import atomic_write_text, locked
 

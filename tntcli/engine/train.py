@@ -23,13 +23,14 @@ from torch import nn
 from tntcli.config import RunConfig, build_config, dump_yaml, run_model_config
 from tntcli.data import build_loaders
 from tntcli.engine import distributed
-from tntcli.engine.checkpoint import load_verified, rng_state, save_verified, seed_everything, set_rng_state
+from tntcli.engine.rng import rng_state, seed_everything, set_rng_state
+from tntcli.engine.run_checkpoint import load_verified, save_verified
 from tntcli.engine.evaluate import evaluate
 from tntcli.engine.progress import Reporter
 from tntcli.engine.runtime import amp_dtype, autocast, count_gmacs, device_name
 from tntcli.engine.step import ModelEma, TrainStep, adamw
 from tntcli.errors import Preempted, TntError
-from tntcli.models.checkpoints import load_pretrained, model_record
+from tntcli.models.weights import load_pretrained, model_record
 from tntcli.models.registry import build_model, get_spec
 from tntcli.results import atomic_write_text
 
