@@ -164,6 +164,25 @@ def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, monkeypa
     assert metrics(tmp_path / "skip").train_loss.notna().all()
 
 
+def test_one_process_says_once_that_repeated_augmentation_is_off(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import tntcli.engine.train as engine
+
+    used = []
+    real = engine.build_loaders
+    monkeypatch.setattr(engine, "build_loaders", lambda *a, **kw: used.append(kw["repeated_aug"]) or real(*a, **kw))
+    log = io.StringIO()
+    cfg = tiny_config(**{"train.epochs": 1, "train.repeated_aug": 3})
+    train(cfg, out=tmp_path / "off", console=Console(file=log, width=200))
+    assert log.getvalue().count("repeated augmentation (train.repeated_aug=3) is off: the run has one process") == 1
+    train(tiny_config(**{"train.epochs": 1, "train.repeated_aug": 3, "train.repeated_aug_single_process": True}),
+          out=tmp_path / "forced", console=Console(file=io.StringIO()))
+    assert used == [1, 3]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"optim.lrr": 1.0}, "unknown recipe key 'optim.lrr'"),
     ({"optim.lr": "fast"}, "optim.lr must be float"),

@@ -134,6 +134,8 @@ class TrainSection:
     backend: str = setting("auto", "Speed paths applied to the model: auto | reference | cpu-fast | cuda.",
                            flag("--backend"))
     repeated_aug: int = setting(3, "DeiT's repeated augmentation (repeats per image), used when distributed.")
+    repeated_aug_single_process: bool = setting(False, "Use train.repeated_aug in a one-process run too (DeiT, "
+                                                "and by default tnt, turn it off there).")
     max_steps: int | None = setting(None, "Cap on train steps per epoch (smoke tests, quick looks).",
                                     flag("--max-steps", min=1))
     eval_every: int = setting(1, "Evaluate every this many epochs (and after the last).")

@@ -172,12 +172,16 @@ def _train(cfg, out, resume, overwrite, env, stop, console) -> dict[str, Any]:
     spec = get_spec(cfg.model.name)
     img_size = run_model_config(cfg).img_size
     seed_everything(cfg.train.seed)
+    repeated_aug = cfg.train.repeated_aug if env.enabled or cfg.train.repeated_aug_single_process else 1
+    if cfg.train.repeated_aug > 1 and repeated_aug == 1 and cfg.data.augment:
+        reporter.log(f"repeated augmentation (train.repeated_aug={cfg.train.repeated_aug}) is off: the run has one "
+                     "process, as in DeiT; --set train.repeated_aug_single_process=true forces it")
     loaders = build_loaders(
         cfg.data.data, data_root=cfg.data.data_root, img_size=img_size, batch_size=cfg.data.batch_size,
         workers=cfg.data.workers, mean=tuple(cfg.data.mean or spec.mean), std=tuple(cfg.data.std or spec.std),
         crop_pct=cfg.data.crop_pct or spec.crop_pct, interpolation=spec.interpolation,
         aug=cfg.aug if cfg.data.augment else None,
-        distributed=env.enabled, repeated_aug=cfg.train.repeated_aug if env.enabled else 1, device=env.device,
+        distributed=env.enabled, repeated_aug=repeated_aug, device=env.device,
         seed=cfg.train.seed, drop_last=True, max_train_images=cfg.data.max_train_images,
         strict=cfg.data.strict)
     try:
