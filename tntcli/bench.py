@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +43,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 MODES = ("infer", "train")
 TIMM_NAMES = {"tnt-s": "tnt_s_patch16_224", "tnt-b": "tnt_b_patch16_224", "tnt-s-legacy": "tnt_s_legacy_patch16_224",
               "deit-ti": "deit_tiny_patch16_224", "deit-s": "deit_small_patch16_224", "deit-b": "deit_base_patch16_224"}
-GEMM_SIZE = 2048                      # reference matmul: GEMM_SIZE^3 multiply-accumulates
+GEMM_SIZES = {"cpu": 2048, "cuda": 8192}   # reference matmul side per device: big enough to reach the peak rate
 MIN_REP_SECONDS = 0.2                 # fast steps (GPU) repeat within a rep so each timing is well above timer noise
 MAX_ITERS = 100                       # ...but a call timed cold (or on a loaded machine) must not run for minutes
 TRAIN_MAC_FACTOR = 3                  # forward + backward ~ 3x the forward MACs (backward computes two products)
@@ -63,7 +65,7 @@ class BenchOptions:
     grad_checkpointing: bool = False
     measure_memory: bool = True
     isolate: bool = False             # time each repetition in a fresh process (_isolated_steps)
-    gemm_size: int = GEMM_SIZE
+    gemm_size: int | None = None      # None: GEMM_SIZES for the device
     min_rep_seconds: float = MIN_REP_SECONDS
     arch: dict[str, Any] = field(default_factory=dict)   # e.g. {"depth": 1}: reduced models for tests
 
@@ -164,7 +166,7 @@ def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device
     return train
 
 
-def gemm_steps(device: torch.device, precision: str, size: int = GEMM_SIZE) -> dict[str, Callable[[], torch.Tensor]]:
+def gemm_steps(device: torch.device, precision: str, size: int) -> dict[str, Callable[[], torch.Tensor]]:
     """The reference matmul on each library that can run it. On CPU fp32 that is aten's mm (MKL) and oneDNN, which
     ran it 2.4x faster on an AMD AVX-512 EPYC (MKL takes its AVX2 code there); the faster one is the machine's rate."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -238,6 +240,8 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[dict[s
     if opts.reps < 1 or opts.batch_size < 1 or opts.warmup < 0:
         raise TntError("--reps and --batch-size must be at least 1, --warmup at least 0")
     device = resolve_device(opts.device)
+    if opts.gemm_size is None:
+        opts = dataclasses.replace(opts, gemm_size=GEMM_SIZES[device.type])
     if opts.threads:
         torch.set_num_threads(opts.threads)
     contestants = build_contestants(opts)
@@ -292,17 +296,34 @@ def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | 
     if console:
         rates = ", ".join(f"{lib} {opts.gemm_size ** 3 / statistics.median(t) / 1e9:.1f}" for lib, t in gemm_times.items())
         console.print(f"[dim]GEMM reference {mode}: {rates} GMAC/s; the rate is {gemm_lib}'s[/]", highlight=False)
+    steps.clear()                                            # frees the timed steps' optimiser states
     records = []
     for c in contestants:
-        if opts.measure_memory:
-            step = steps.get(id(c)) or make_step(c, mode, opts, device, x, y)
-            peak, source = peak_memory_mb(step, device)
-        else:
-            peak, source = None, "off"
+        peak, source = _peak_memory_alone(c, contestants, mode, opts, device, x, y) if opts.measure_memory \
+            else (None, "off")
         records.append(_record(c, mode, times[id(c)], peak, source, macs.get(c.model), gemm_gmacs, opts, device))
+    for c in contestants:
         c.module.cpu()                                       # free the device for the next mode's contestants
     _add_ratios(records)
     return records
+
+
+def _peak_memory_alone(c: Contestant, contestants: list[Contestant], mode: str, opts: BenchOptions,
+                       device: torch.device, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, str]:
+    """Peak memory of one step of `c` with only `c` on the device: the other contestants' weights, gradients and
+    optimiser states are moved off or freed first. One untimed step first, so the optimiser state exists as in
+    the timed steps."""
+    for other in contestants:
+        if other is not c:
+            other.module.cpu()
+            for p in other.module.parameters():
+                p.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    step = make_step(c, mode, opts, device, x, y)
+    step()
+    return peak_memory_mb(step, device)
 
 
 def _isolated_steps(contestants: list[Contestant], mode: str, opts: BenchOptions, device: torch.device,
@@ -362,7 +383,17 @@ def _record(c: Contestant, mode: str, seconds: list[float], peak: float | None, 
         "gemm_size": opts.gemm_size, "gemm_gmacs_per_s": float(f"{gemm_gmacs:.4g}"),
         "frac_of_gemm": None if achieved is None else float(f"{achieved / gemm_gmacs:.4g}"),
         "max_abs_diff_vs_ours": c.max_abs_diff,
+        "tf32": tf32_state(device),
     }
+
+
+def tf32_state(device: torch.device) -> str:
+    """Whether fp32 matmuls and convolutions may run in TF32 on the GPU ("n/a" on a CPU): it moves fp32 figures
+    by several times on Ampere and later."""
+    if device.type != "cuda":
+        return "n/a"
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    return f"matmul {'on' if matmul else 'off'}, cudnn {'on' if cudnn else 'off'}"
 
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
@@ -405,4 +436,5 @@ def print_table(records: list[dict[str, Any]], console: Console) -> None:
                       _fmt(r["frac_of_gemm"], ".1%"), _fmt(r["max_abs_diff_vs_ours"], ".1e", "–"))
     console.print(table)
     console.print(f"GEMM {first['gemm_size']}^3 {first['precision']}: {first['gemm_gmacs_per_s']:.1f} GMAC/s in the "
-                  f"same run. Train GMAC/s counts {TRAIN_MAC_FACTOR}x the forward MACs. Peak memory: {first['mem_source']}.")
+                  f"same run. Train GMAC/s counts {TRAIN_MAC_FACTOR}x the forward MACs. Peak memory: {first['mem_source']}, "
+                  f"each contestant alone on the device. TF32: {first['tf32']}.")

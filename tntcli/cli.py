@@ -328,7 +328,8 @@ def bench_(
                                  "(still alternating), so contestants do not share an allocator; slower."),
     results: Path = typer.Option(Path("results"), "--results", help="Folder for bench.csv."),
     depth: Optional[int] = typer.Option(None, "--depth", min=1, hidden=True, help="Reduced depth (tests)."),
-    gemm_size: int = typer.Option(2048, "--gemm-size", min=16, hidden=True, help="Reference GEMM side (tests)."),
+    gemm_size: Optional[int] = typer.Option(None, "--gemm-size", min=16, hidden=True,
+                                            help="Reference GEMM side (default 2048 on CPU, 8192 on GPU)."),
 ):
     """Throughput (img/s), peak memory and GEMM-relative efficiency of inference and training steps."""
     from tntcli import bench

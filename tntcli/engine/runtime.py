@@ -72,5 +72,8 @@ def count_gmacs(model_cfg) -> float:
     from tntcli.models.registry import build_model
 
     model = build_model(dataclasses.replace(model_cfg, drop_path_rate=0.0))
-    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        return count_macs(model, model_cfg.img_size).total() / 1e9
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            return count_macs(model, model_cfg.img_size).total() / 1e9
+    except ModuleNotFoundError as err:
+        raise TntError(f"counting GMACs needs {err.name} (pip install fvcore)") from None

@@ -164,6 +164,8 @@ def _train(cfg, out, resume, overwrite, env, stop, console) -> dict[str, Any]:
     if problem:
         raise TntError(problem)
     state = load_verified(run_dir / "last.pt")[0] if resume is not None else None
+    if state is not None:
+        check_world_size(state, env, run_dir)
     if env.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     reporter = Reporter(console, enabled=env.is_main)
@@ -176,14 +178,14 @@ def _train(cfg, out, resume, overwrite, env, stop, console) -> dict[str, Any]:
     if cfg.train.repeated_aug > 1 and repeated_aug == 1 and cfg.data.augment:
         reporter.log(f"repeated augmentation (train.repeated_aug={cfg.train.repeated_aug}) is off: the run has one "
                      "process, as in DeiT; --set train.repeated_aug_single_process=true forces it")
-    loaders = build_loaders(
+    loaders = distributed.together(lambda: build_loaders(
         cfg.data.data, data_root=cfg.data.data_root, img_size=img_size, batch_size=cfg.data.batch_size,
         workers=cfg.data.workers, mean=tuple(cfg.data.mean or spec.mean), std=tuple(cfg.data.std or spec.std),
         crop_pct=cfg.data.crop_pct or spec.crop_pct, interpolation=spec.interpolation,
         aug=cfg.aug if cfg.data.augment else None,
         distributed=env.enabled, repeated_aug=repeated_aug, device=env.device,
         seed=cfg.train.seed, drop_last=True, max_train_images=cfg.data.max_train_images,
-        strict=cfg.data.strict)
+        strict=cfg.data.strict), env, "opening the data")
     try:
         run = setup(cfg, run_dir, state, loaders, env, reporter)
         return _epochs(run, stop)
@@ -221,14 +223,9 @@ def setup(cfg: RunConfig, run_dir: Path, state: dict | None, loaders, env, repor
     """Model (+ EMA, optionally from a pretrained checkpoint), optimiser, schedule, precision; restored from
     `state` when resuming."""
     model_cfg = run_model_config(cfg, loaders.num_classes)
-    model = build_model(model_cfg)
-    if cfg.model.pretrained and state is None:
-        load_pretrained(model, cfg.model.pretrained, name=cfg.model.name, reset_head=True)
-    if cfg.model.freeze_backbone:                         # linear probe; set again on resume (not in the state)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("head."))
+    model, gmacs = distributed.together(lambda: _build_model(cfg, model_cfg, pretrained=state is None), env,
+                                        "building the model")
     params_m = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    gmacs = count_gmacs(model_cfg) if env.is_main else float("nan")
     model.to(env.device)                                  # the model on its device: backend speed paths go right here
     seed_everything(cfg.train.seed + env.rank)            # ranks share weights but not dropout masks
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -256,6 +253,32 @@ def setup(cfg: RunConfig, run_dir: Path, state: dict | None, loaders, env, repor
     if state is not None:
         restore(run, state)
     return run
+
+
+def _build_model(cfg: RunConfig, model_cfg, pretrained: bool) -> tuple[nn.Module, float]:
+    """The run's model on the CPU (from `model.pretrained` for a new run) and its GMACs per image. Every rank
+    counts the GMACs, so a rank that cannot (no fvcore) fails together with the others (`distributed.together`)."""
+    model = build_model(model_cfg)
+    if cfg.model.pretrained and pretrained:
+        load_pretrained(model, cfg.model.pretrained, name=cfg.model.name, reset_head=True)
+    if cfg.model.freeze_backbone:                         # linear probe; set again on resume (not in the state)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return model, count_gmacs(model_cfg)
+
+
+def check_world_size(state: dict[str, Any], env, run_dir: Path) -> None:
+    """A run resumes exactly only with the number of processes that saved it: the lr (scaled by the global batch),
+    the steps per epoch, each rank's data shard and random stream all depend on it."""
+    rng = state["rng"]
+    saved = state.get("world_size", len(rng) if isinstance(rng, list) else 1)
+    if saved != env.world_size:
+        how = "a single process (tnt train --resume ...)" if saved == 1 else \
+            f"torchrun --nproc_per_node {saved} (or {saved} processes over several nodes)"
+        raise TntError(f"{run_dir} was trained with {saved} process(es) and this resume has {env.world_size}: the "
+                       "lr scaling, the steps per epoch, each process's data shard and random stream would not "
+                       f"continue exactly; resume it with {how}, or start a new run from its weights "
+                       f"(--set model.pretrained={run_dir / 'last.pt'})")
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
@@ -373,6 +396,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
                 save_checkpoint(run, epoch, step + 1, progress())
             if stopping:
                 write_summary(run, "interrupted")
+                distributed.barrier(env)      # no rank exits (and gets the others killed) before rank 0 has saved
                 raise Preempted(f"stopped by signal at epoch {epoch + 1} step {step + 1}, checkpoint saved; "
                                 f"continue with: tnt train --resume {run.run_dir}")
     seconds = time.perf_counter() - t0
@@ -428,8 +452,8 @@ def save_checkpoint(run: Run, epoch: int, step_in_epoch: int, progress: dict[str
     record = model_record(run.model, run.cfg.model.name, ema.module if ema is not None else None)
     record.update(optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), scaler=run.scaler.state_dict(),
                   ema_state=ema.state_dict() if ema is not None else None, epoch=epoch,
-                  step_in_epoch=step_in_epoch, epoch_progress=progress, rng=rngs, history=run.history,
-                  best=run.best, run_config=run.cfg.to_dict())
+                  step_in_epoch=step_in_epoch, epoch_progress=progress, rng=rngs, world_size=run.env.world_size,
+                  history=run.history, best=run.best, run_config=run.cfg.to_dict())
     save_verified(record, run.run_dir / "last.pt")
 
 
