@@ -1,6 +1,8 @@
-"""The training loop, top to bottom: run folder -> data -> model -> optimiser -> epochs -> summary.
+"""The training loop, top to bottom: run folder -> data -> `setup` (model, optimiser, restore) -> for each epoch
+`train_one_epoch` -> `evaluate_epoch` -> `save_checkpoint` -> `write_summary`.
 
-Read it linearly; each section names the recipe knobs it uses (config.py holds their defaults and meaning).
+Read it linearly; each part names the recipe knobs it uses (config.py holds their defaults and meaning). One step
+is `engine.step.TrainStep`; between log steps (`train.log_every`) nothing is read back from the device.
 Resume is exact: a checkpoint carries model, optimiser, scheduler, scaler, EMA, RNG state and position in the
 epoch, and the data order and augmentation of an epoch depend only on (seed, epoch).
 """
