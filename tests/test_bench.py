@@ -51,6 +51,12 @@ def test_library_times_both_modes_and_reports_memory_and_gemm_fraction():
     assert infer["achieved_gmacs_per_s"] == pytest.approx(infer["gmacs_per_img"] * infer["img_per_s"], rel=0.02)
 
 
+def test_records_state_tf32_and_size_the_gemm_for_the_device():
+    (record,) = bench.run_bench(options(gemm_size=None, modes=("infer",)))
+    assert record["gemm_size"] == bench.GEMM_SIZES["cpu"] and record["tf32"] == "n/a"
+    assert list(record)[-1] == "tf32"                                   # new columns go at the end
+
+
 @pytest.mark.slow                                                       # the profiler's first start costs ~20 s
 def test_cpu_peak_memory_counts_what_a_step_allocates():
     peak, source = bench.peak_memory_mb(lambda: torch.ones(64, 2 ** 20).sum(), torch.device("cpu"))   # 256 MiB

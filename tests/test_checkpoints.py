@@ -15,7 +15,7 @@ from torch import nn
 
 from tntcli.errors import TntError
 from tntcli.models import create_model, load_checkpoint, save_model
-from tntcli.models.checkpoints import detect_format, export_timm, model_record, resize_pos_embed
+from tntcli.models.weights import detect_format, export_timm, model_record, resize_pos_embed
 
 TOL = 1e-5                                         # max abs logit difference, fp32
 X = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))

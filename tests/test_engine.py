@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tntcli.config import build_config
+from tntcli.engine import step as step_mod
 from tntcli.engine import train as train_mod
 from tntcli.engine.train import StopFlag, train
 from tntcli.errors import Preempted, TntError
@@ -115,6 +116,31 @@ def test_preemption_saves_mid_epoch_and_resume_is_exact(finished_run, tmp_path):
                                   metrics(finished_run).drop(columns=["img_per_s", "seconds"]))
 
 
+def test_preempted_ranks_wait_for_rank_0s_checkpoint_before_exiting(tmp_path, monkeypatch):
+    """The barrier comes after last.pt is on disk (under torchrun a rank that exits first gets the others killed)."""
+    events = []
+    real_save = train_mod.save_verified
+    monkeypatch.setattr(train_mod, "save_verified", lambda record, path, **kw: (events.append(f"save {path.name}"),
+                                                                                  real_save(record, path, **kw))[1])
+    monkeypatch.setattr(train_mod.distributed, "barrier", lambda env: events.append("barrier"))
+    with pytest.raises(Preempted):
+        train(tiny_config(), out=tmp_path / "run", stop=StopAfter(2))
+    assert events[-2:] == ["save last.pt", "barrier"]
+
+
+def test_resuming_with_another_number_of_processes_is_refused_with_how_to(finished_run, tmp_path):
+    from tntcli.engine.run_checkpoint import load_verified, save_verified
+
+    run = tmp_path / "two"
+    shutil.copytree(finished_run, run)
+    record, _ = load_verified(run / "last.pt")
+    assert record["world_size"] == 1
+    record.update(world_size=2, rng=[record["rng"], record["rng"]])
+    save_verified(record, run / "last.pt")
+    with pytest.raises(TntError, match=r"trained with 2 process\(es\) and this resume has 1.*nproc_per_node 2"):
+        train(tiny_config(**{"train.epochs": 4}), resume=run)
+
+
 def test_existing_run_folder_is_refused_unless_overwrite(finished_run, tmp_path):
     with pytest.raises(TntError, match="already exists.*--resume"):
         train(tiny_config(), out=finished_run)
@@ -134,11 +160,52 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 6 else loss
 
-    monkeypatch.setattr(train_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
+    monkeypatch.setattr(step_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
     run = tmp_path / "nan"
     with pytest.raises(TntError, match="non-finite loss at epoch 2 step 2"):
         train(tiny_config(), out=run)
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
+
+
+def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    calls = {"n": 0}
+    real = torch.nn.functional.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(step_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
+    log = io.StringIO()
+    summary = train(tiny_config(**{"train.nan_policy": "skip"}), out=tmp_path / "skip",
+                    console=Console(file=log, width=200))
+    assert summary["status"] == "completed"
+    assert "non-finite loss at epoch 2 step 2: skipped" in log.getvalue()
+    assert metrics(tmp_path / "skip").train_loss.notna().all()
+
+
+def test_one_process_says_once_that_repeated_augmentation_is_off(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import tntcli.engine.train as engine
+
+    used = []
+    real = engine.build_loaders
+    monkeypatch.setattr(engine, "build_loaders", lambda *a, **kw: used.append(kw["repeated_aug"]) or real(*a, **kw))
+    log = io.StringIO()
+    cfg = tiny_config(**{"train.epochs": 1, "train.repeated_aug": 3})
+    train(cfg, out=tmp_path / "off", console=Console(file=log, width=200))
+    assert log.getvalue().count("repeated augmentation (train.repeated_aug=3) is off: the run has one process") == 1
+    train(tiny_config(**{"train.epochs": 1, "train.repeated_aug": 3, "train.repeated_aug_single_process": True}),
+          out=tmp_path / "forced", console=Console(file=io.StringIO()))
+    assert used == [1, 3]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -205,3 +272,31 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
     assert b.train_loss.tolist() == pytest.approx(a.train_loss.tolist(), rel=1e-4)
     assert b.val_top1.tolist() == pytest.approx(a.val_top1.tolist(), abs=0.6)
+
+
+@pytest.mark.slow
+def test_a_rank_failing_before_ddp_fails_every_rank_with_one_message(tmp_path):
+    """Rank 1 cannot count GMACs (as without fvcore): both ranks stop with its message instead of rank 0 waiting
+    forever in DDP's first broadcast."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import os, sys\n"
+        "import tntcli.engine.train as engine\n"
+        "def no_fvcore(cfg):\n"
+        "    raise ModuleNotFoundError(\"No module named 'fvcore'\", name='fvcore')\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    engine.count_gmacs = no_fvcore\n"
+        "from tntcli.cli import main\n"
+        "main()\n")
+    import yaml
+    recipe = {"model": {"name": "tnt-ti", "img_size": 16, "arch": TINY_ARCH},
+              "data": {"data": "digits", "workers": 0, "batch_size": 16, "max_train_images": 64},
+              "train": {"epochs": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29534", str(launcher), "train", "--recipe", str(tmp_path / "r.yaml"), "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("building the model failed on rank 1: ModuleNotFoundError: No module named 'fvcore'") \
+        == 2, done.stderr[-3000:]

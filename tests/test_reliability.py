@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tntcli.engine.checkpoint import load_verified, save_verified
+from tntcli.engine.run_checkpoint import load_verified, save_verified
 from tntcli.errors import EXIT_PREEMPTED, TntError
 from tntcli.results import atomic_write_text, locked
 

@@ -20,7 +20,7 @@ from tntcli.config import build_config
 from tntcli.engine.train import build_scheduler, param_groups, train
 from tntcli.errors import TntError
 from tntcli.models import create_model, load_pretrained, save_model
-from tntcli.models.checkpoints import read_checkpoint, resize_pos_embed, to_ours, unwrap_state_dict
+from tntcli.models.weights import read_checkpoint, resize_pos_embed, to_ours, unwrap_state_dict
 from tntcli.transfer import default_recipe, run_transfer, transfer_config, transfer_table, write_transfer_table
 
 

@@ -28,18 +28,20 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from tntcli.config import RunConfig, build_config, run_model_config
+from tntcli.engine.runtime import count_gmacs, resolve_device, synchronize
+from tntcli.engine.step import TrainStep, adamw
 from tntcli.engine.train import train
 from tntcli.errors import TntError
-from tntcli.flops import count_macs, trainable_params
 from tntcli.backends import apply_backend
+from tntcli.flops import trainable_params
 from tntcli.models.registry import build_model, get_spec
 from tntcli.models.tnt import TNTConfig
 from tntcli.paper import paper_figures
-from tntcli.results import (ABLATION_MARKER, pyplot, atomic_write_text, draw_top1_vs_gmacs, plot_training_curves,
-                            read_run, save_figure, write_table)
+from tntcli.results import (pyplot, atomic_write_text, draw_top1_vs_gmacs, plot_training_curves, save_figure,
+                            write_table)
+from tntcli.runs import ABLATION_MARKER, read_run
 
 FLAG_NAMES = "--no-inner, --inner-blocks, --no-word-pos, --no-sentence-pos, --inner-heads, --words or --se"
 PAPER_SETTING = "TNT-S, 224px, ImageNet"
@@ -251,26 +253,22 @@ class StepTimer:
 
     def __init__(self, cfg: RunConfig, num_classes: int):
         mc = model_cfg(cfg, num_classes)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device("auto")
         torch.manual_seed(cfg.train.seed)
-        with torch.no_grad():
-            self.gmacs = count_macs(build_model(dataclasses.replace(mc, drop_path_rate=0.0)), mc.img_size).total() / 1e9
+        self.gmacs = count_gmacs(mc)
         self.model = build_model(mc).to(self.device).train()
         apply_backend(self.model, cfg.train.backend, device=self.device, training=True,
                       batch_size=cfg.data.batch_size)
         self.params_m = trainable_params(self.model) / 1e6
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.train_step = TrainStep(self.model, self.model, adamw(self.model.parameters(), self.device, lr=1e-4))
         self.images = torch.randn(cfg.data.batch_size, 3, mc.img_size, mc.img_size, device=self.device)
         self.labels = torch.randint(0, num_classes, (cfg.data.batch_size,), device=self.device)
 
     def step(self) -> float:
         """Seconds for one forward, backward and optimiser step."""
         start = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.images), self.labels).backward()
-        self.opt.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        self.train_step(self.images, self.labels)
+        synchronize(self.device)
         return time.perf_counter() - start
 
 

@@ -12,27 +12,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
-import io
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from tntcli.engine.runtime import autocast, count_gmacs, device_name, resolve_device, synchronize
+from tntcli.engine.step import TrainStep, adamw
 from tntcli.errors import TntError
 from tntcli.backends import apply_backend
 from tntcli.backends.cpu import ONEDNN_LINEAR, onednn_linear
@@ -43,7 +44,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 MODES = ("infer", "train")
 TIMM_NAMES = {"tnt-s": "tnt_s_patch16_224", "tnt-b": "tnt_b_patch16_224", "tnt-s-legacy": "tnt_s_legacy_patch16_224",
               "deit-ti": "deit_tiny_patch16_224", "deit-s": "deit_small_patch16_224", "deit-b": "deit_base_patch16_224"}
-GEMM_SIZE = 2048                      # reference matmul: GEMM_SIZE^3 multiply-accumulates
+GEMM_SIZES = {"cpu": 2048, "cuda": 8192}   # reference matmul side per device: big enough to reach the peak rate
 MIN_REP_SECONDS = 0.2                 # fast steps (GPU) repeat within a rep so each timing is well above timer noise
 MAX_ITERS = 100                       # ...but a call timed cold (or on a loaded machine) must not run for minutes
 TRAIN_MAC_FACTOR = 3                  # forward + backward ~ 3x the forward MACs (backward computes two products)
@@ -65,7 +66,7 @@ class BenchOptions:
     grad_checkpointing: bool = False
     measure_memory: bool = True
     isolate: bool = False             # time each repetition in a fresh process (_isolated_steps)
-    gemm_size: int = GEMM_SIZE
+    gemm_size: int | None = None      # None: GEMM_SIZES for the device
     min_rep_seconds: float = MIN_REP_SECONDS
     arch: dict[str, Any] = field(default_factory=dict)   # e.g. {"depth": 1}: reduced models for tests
     drop_path: float = 0.1            # the paper recipe's stochastic depth (it changes what training compiles)
@@ -80,42 +81,8 @@ class Contestant:
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TntError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TntError(f"--device {name}: no CUDA GPU is available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise TntError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    # The vector ISA tells apart VMs that share a model name ("AMD EPYC") but run GEMMs at 2x different rates.
-    return f"{model} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+def precision_autocast(device: torch.device, precision: str):
+    return autocast(device, PRECISIONS[precision])
 
 
 # ----------------------------------------------------------------------------------------------- contestants
@@ -161,7 +128,7 @@ def timm_counterpart(name: str, ours: nn.Module, arch: dict[str, Any]) -> Contes
     unsupported = sorted(set(arch) - {"depth"})
     if unsupported:
         raise TntError(f"--vs timm can only reduce depth, not {', '.join(unsupported)}")
-    from tntcli.models.checkpoints import export_timm
+    from tntcli.models.weights import export_timm
 
     ref = _timm_model(name, {**arch, "drop_path_rate": ours.cfg.drop_path_rate})
     ref.load_state_dict(export_timm(ours))
@@ -195,23 +162,20 @@ def make_step(c: Contestant, mode: str, opts: BenchOptions, device: torch.device
         module.eval()
 
         def infer() -> None:
-            with torch.inference_mode(), autocast(device, opts.precision):
+            with torch.inference_mode(), precision_autocast(device, opts.precision):
                 model(x)
         return infer
 
     module.train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    step = TrainStep(model, module, adamw(module.parameters(), device, lr=1e-4),
+                     autocast=lambda: precision_autocast(device, opts.precision))
 
     def train() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, opts.precision):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
+        step(x, y)
     return train
 
 
-def gemm_steps(device: torch.device, precision: str, size: int = GEMM_SIZE) -> dict[str, Callable[[], torch.Tensor]]:
+def gemm_steps(device: torch.device, precision: str, size: int) -> dict[str, Callable[[], torch.Tensor]]:
     """The reference matmul on each library that can run it. On CPU fp32 that is aten's mm (MKL) and oneDNN, which
     ran it 2.4x faster on an AMD AVX-512 EPYC (MKL takes its AVX2 code there); the faster one is the machine's rate."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -285,6 +249,8 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[dict[s
     if opts.reps < 1 or opts.batch_size < 1 or opts.warmup < 0:
         raise TntError("--reps and --batch-size must be at least 1, --warmup at least 0")
     device = resolve_device(opts.device)
+    if opts.gemm_size is None:
+        opts = dataclasses.replace(opts, gemm_size=GEMM_SIZES[device.type])
     if opts.threads:
         torch.set_num_threads(opts.threads)
     contestants = build_contestants(opts)
@@ -297,14 +263,11 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> list[dict[s
 
 def _gmacs_per_image(contestants: list[Contestant]) -> dict[str, float | None]:
     """fvcore forward GMACs of one image through our model (timm's counterpart computes the same function)."""
-    from tntcli.flops import count_macs
-
     out = {}
     for c in contestants:
         if c.impl == "tntcli":
             try:
-                with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                    out[c.model] = count_macs(c.module, c.module.cfg.img_size).total() / 1e9
+                out[c.model] = count_gmacs(c.module.cfg)
             except Exception:                                # a tracer failure costs a column, not the run
                 out[c.model] = None
     return out
@@ -342,17 +305,34 @@ def _run_mode(mode: str, contestants: list[Contestant], macs: dict[str, float | 
     if console:
         rates = ", ".join(f"{lib} {opts.gemm_size ** 3 / statistics.median(t) / 1e9:.1f}" for lib, t in gemm_times.items())
         console.print(f"[dim]GEMM reference {mode}: {rates} GMAC/s; the rate is {gemm_lib}'s[/]", highlight=False)
+    steps.clear()                                            # frees the timed steps' optimiser states
     records = []
     for c in contestants:
-        if opts.measure_memory:
-            step = steps.get(id(c)) or make_step(c, mode, opts, device, x, y)
-            peak, source = peak_memory_mb(step, device)
-        else:
-            peak, source = None, "off"
+        peak, source = _peak_memory_alone(c, contestants, mode, opts, device, x, y) if opts.measure_memory \
+            else (None, "off")
         records.append(_record(c, mode, times[id(c)], peak, source, macs.get(c.model), gemm_gmacs, opts, device))
+    for c in contestants:
         c.module.cpu()                                       # free the device for the next mode's contestants
     _add_ratios(records)
     return records
+
+
+def _peak_memory_alone(c: Contestant, contestants: list[Contestant], mode: str, opts: BenchOptions,
+                       device: torch.device, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, str]:
+    """Peak memory of one step of `c` with only `c` on the device: the other contestants' weights, gradients and
+    optimiser states are moved off or freed first. One untimed step first, so the optimiser state exists as in
+    the timed steps."""
+    for other in contestants:
+        if other is not c:
+            other.module.cpu()
+            for p in other.module.parameters():
+                p.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    step = make_step(c, mode, opts, device, x, y)
+    step()
+    return peak_memory_mb(step, device)
 
 
 def _isolated_steps(contestants: list[Contestant], mode: str, opts: BenchOptions, device: torch.device,
@@ -414,7 +394,17 @@ def _record(c: Contestant, mode: str, seconds: list[float], peak: float | None, 
         "gemm_size": opts.gemm_size, "gemm_gmacs_per_s": float(f"{gemm_gmacs:.4g}"),
         "frac_of_gemm": None if achieved is None else float(f"{achieved / gemm_gmacs:.4g}"),
         "max_abs_diff_vs_ours": c.max_abs_diff,
+        "tf32": tf32_state(device),
     }
+
+
+def tf32_state(device: torch.device) -> str:
+    """Whether fp32 matmuls and convolutions may run in TF32 on the GPU ("n/a" on a CPU): it moves fp32 figures
+    by several times on Ampere and later."""
+    if device.type != "cuda":
+        return "n/a"
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    return f"matmul {'on' if matmul else 'off'}, cudnn {'on' if cudnn else 'off'}"
 
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
@@ -457,4 +447,5 @@ def print_table(records: list[dict[str, Any]], console: Console) -> None:
                       _fmt(r["frac_of_gemm"], ".1%"), _fmt(r["max_abs_diff_vs_ours"], ".1e", "–"))
     console.print(table)
     console.print(f"GEMM {first['gemm_size']}^3 {first['precision']}: {first['gemm_gmacs_per_s']:.1f} GMAC/s in the "
-                  f"same run. Train GMAC/s counts {TRAIN_MAC_FACTOR}x the forward MACs. Peak memory: {first['mem_source']}.")
+                  f"same run. Train GMAC/s counts {TRAIN_MAC_FACTOR}x the forward MACs. Peak memory: {first['mem_source']}, "
+                  f"each contestant alone on the device. TF32: {first['tf32']}.")

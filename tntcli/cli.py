@@ -6,6 +6,8 @@ and are printed by `main` as one line with exit code 2.
 from __future__ import annotations
 
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import List, Optional
 
@@ -24,47 +26,88 @@ def _root() -> None:
     """Transformer in Transformer: train, evaluate, count FLOPs and ablate TNT vs DeiT."""
 
 
-# ----------------------------------------------------------------------------------------------- train
-def _overrides(pairs: dict[str, object], sets: List[str]) -> dict[str, object]:
-    """Flags that were given (not None) plus `--set section.key=value` pairs, as dotted recipe overrides."""
+# ----------------------------------------------------------------------------------------------- run flags
+RECIPE_PANEL = "Recipe keys (flags override the recipe; any key via --set section.key=value)"
+
+
+def with_run_flags(command):
+    """Give `command` one Typer option per command-line spelling declared for a recipe key (`config.py`).
+
+    The command declares a `flags` parameter instead of the options; it receives the ones the user gave as
+    dotted recipe overrides, e.g. `{"optim.lr": 0.002}`. Switches (`--amp/--no-amp`) are applied before value
+    flags of the same key, so `--precision fp16 --amp` means fp16.
+    """
+    import functools
+    import inspect
+    import typing
+
+    from tntcli.config import recipe_keys
+
+    options = []                                       # (parameter name, dotted key, Flag)
+    for key in recipe_keys():
+        for flag in sorted(key.flags, key=lambda f: f.switch is None):     # switches first
+            options.append((f"{key.key.replace('.', '__')}__{len(options)}", key, flag))
+    signature = inspect.signature(command)
+    hints = typing.get_type_hints(command)
+    params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
+              if p.name != "flags"]
+    for name, key, flag in options:
+        kind = bool if flag.switch is not None else _option_type(key.type)
+        option = typer.Option(None, *flag.names, help=f"{flag.help or key.help} ({key.key})", min=flag.min,
+                              rich_help_panel=RECIPE_PANEL, show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[kind]))
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        given = {}
+        for name, key, flag in options:
+            value = kwargs.pop(name)
+            if value is not None:
+                given[key.key] = flag.switch[0 if value else 1] if flag.switch is not None else value
+        return command(**kwargs, flags=given)
+
+    run.__signature__ = signature.replace(parameters=params)
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
+def _option_type(hint):
+    """`int | None` -> int: the option's value type (None already means "not given")."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
+def _overrides(flags: dict[str, object], sets: List[str]) -> dict[str, object]:
+    """Run flags that were given plus `--set section.key=value` pairs (which win), as dotted recipe overrides."""
     from tntcli.config import parse_assignment
 
-    out = {k: v for k, v in pairs.items() if v is not None}
+    out = dict(flags)
     out.update(parse_assignment(s) for s in sets)
     return out
 
 
+SETS_HELP = "Any recipe key: --set optim.weight_decay=0.1 (repeatable)."
+
+
+# ----------------------------------------------------------------------------------------------- train
 @app.command()
+@with_run_flags
 def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML recipe path or name under recipes/."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name, e.g. tnt-s, deit-s."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset: .beton, ImageFolder root, cifar10, digits..."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder for named datasets."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Per process."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="At batch optim.lr_ref_batch (1024), scaled linearly."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", min=16),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    amp: Optional[str] = typer.Option(None, "--amp", help="auto, bf16, fp16 or off."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
-    strict: Optional[bool] = typer.Option(None, "--strict", help="Unreadable images are an error, not a skip."),
-    sets: List[str] = typer.Option([], "--set", help="Any recipe key: --set optim.weight_decay=0.1 (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<model>-<time>)."),
+    sets: List[str] = typer.Option([], "--set", help=SETS_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "--output", "-o",
+                                       help="Run folder (default runs/<model>-<time>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    flags: dict = None,
 ):
     """Train a model with the paper's recipe (or a YAML recipe); flags override recipe keys."""
     from tntcli.config import build_config, load_recipe
     from tntcli.engine.train import resume_config
     from tntcli.engine.train import train as run_training
 
-    overrides = _overrides({"model.name": model, "data.data": data, "data.data_root": data_root,
-                            "train.epochs": epochs, "data.batch_size": batch_size, "optim.lr": lr,
-                            "model.img_size": img_size, "data.workers": workers, "train.seed": seed,
-                            "train.amp": amp, "train.compile": compile_, "train.max_steps": max_steps,
-                            "data.strict": strict}, sets)
+    overrides = _overrides(flags, sets)
     if resume is not None:
         if recipe is not None or out is not None:
             raise TntError("--resume continues a run with its saved recipe; drop --recipe/--out")
@@ -85,7 +128,7 @@ def eval_(
     data_root: Optional[str] = typer.Option(None, "--data-root"),
     ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights of the checkpoint."),
     batch_size: int = typer.Option(128, "--batch-size", "-b", min=1),
-    workers: int = typer.Option(2, "--workers", min=0),
+    workers: int = typer.Option(2, "--workers", "-j", min=0),
     img_size: Optional[int] = typer.Option(None, "--img-size", min=16),
     crop_pct: Optional[float] = typer.Option(None, "--crop-pct", min=0.1, max=1.0),
     mean: Optional[str] = typer.Option(None, "--mean", help="Comma-separated, e.g. 0.485,0.456,0.406."),
@@ -146,29 +189,19 @@ def flops(
 
 # ----------------------------------------------------------------------------------------------- transfer
 @app.command()
+@with_run_flags
 def transfer(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Weights: ours, official or timm."),
-    data: Optional[str] = typer.Option(None, "--data", help="ImageFolder root, .beton, cifar10, pets..."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the model the checkpoint identifies."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Default: transfer/<data> for named datasets."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder for named datasets."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", min=16, help="e.g. 384; position embedding resized."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Per process."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="At batch optim.lr_ref_batch (1024), scaled linearly."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Linear probe: train only the new head."),
-    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="e.g. 0.75: lower lr for earlier blocks."),
-    backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale", help="lr factor, all but the head."),
-    sets: List[str] = typer.Option([], "--set", help="Any recipe key: --set optim.weight_decay=0.1 (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/transfer-...)."),
+    sets: List[str] = typer.Option([], "--set", help=SETS_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "--output", "-o",
+                                       help="Run folder (default runs/transfer-...)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     table: bool = typer.Option(False, "--table", help="Only write results/transfer.md|csv from runs under --runs."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where --table looks for run folders."),
     results: Path = typer.Option(Path("results"), "--results", help="Folder for transfer.md / transfer.csv."),
+    flags: dict = None,
 ):
     """Fine-tune a pretrained TNT/DeiT on a downstream dataset: new head, resized position embedding (Table 9)."""
     from tntcli import transfer as transfer_lib
@@ -176,11 +209,7 @@ def transfer(
     if table:
         console.print(f"wrote {', '.join(str(p) for p in transfer_lib.write_transfer_table(runs, results))}")
         return
-    overrides = _overrides({"model.name": model, "data.data": data, "data.data_root": data_root,
-                            "model.img_size": img_size, "train.epochs": epochs, "data.batch_size": batch_size,
-                            "optim.lr": lr, "data.workers": workers, "train.max_steps": max_steps, "train.seed": seed,
-                            "model.freeze_backbone": freeze_backbone or None, "optim.layer_decay": layer_decay,
-                            "optim.backbone_lr_scale": backbone_lr_scale}, sets)
+    overrides = _overrides(flags, sets)
     summary = transfer_lib.run_transfer(checkpoint, recipe=recipe, overrides=overrides, out=out, resume=resume,
                                         overwrite=overwrite, console=console)
     console.print(transfer_lib.summary_line(summary))
@@ -188,18 +217,10 @@ def transfer(
 
 # ----------------------------------------------------------------------------------------------- ablate, results
 @app.command()
+@with_run_flags
 def ablate(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Base recipe (YAML path or name)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base TNT model (default: recipe's, or tnt-s)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset: ImageFolder root, .beton, cifar10, digits..."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder for named datasets."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Per process."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", min=16),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
-    sets: List[str] = typer.Option([], "--set", help="Any recipe key: --set optim.weight_decay=0.1 (repeatable)."),
+    sets: List[str] = typer.Option([], "--set", help=SETS_HELP),
     no_inner: bool = typer.Option(False, "--no-inner", help="Variant without inner transformer."),
     inner_blocks: List[str] = typer.Option([], "--inner-blocks", help="1-based blocks keeping the inner "
                                            "transformer, e.g. 1,4,8,12 (repeatable: one variant each)."),
@@ -214,15 +235,13 @@ def ablate(
     out: Path = typer.Option(Path("results"), "--out", help="Folder for ablation-<name>.md / .csv / plots."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print variants, params, GMACs and estimated time only."),
     timing_steps: int = typer.Option(3, "--timing-steps", min=1, help="Timed train steps per variant (dry run)."),
+    flags: dict = None,
 ):
     """Train the baseline and the paper's ablation variants under one recipe, seed and data; write a comparison."""
     from tntcli import ablate as ablate_lib
     from tntcli.config import build_config, load_recipe
 
-    base = build_config(load_recipe(recipe), _overrides(
-        {"model.name": model, "data.data": data, "data.data_root": data_root, "train.epochs": epochs,
-         "data.batch_size": batch_size, "model.img_size": img_size, "data.workers": workers, "train.seed": seed,
-         "train.max_steps": max_steps}, sets))
+    base = build_config(load_recipe(recipe), _overrides(flags, sets))
     flags = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se)
     try:
         ablate_lib.run(base, flags, runs=runs, out=out, name=name, dry_run=dry_run, timing_steps=timing_steps,
@@ -309,7 +328,8 @@ def bench_(
                                  "(still alternating), so contestants do not share an allocator; slower."),
     results: Path = typer.Option(Path("results"), "--results", help="Folder for bench.csv."),
     depth: Optional[int] = typer.Option(None, "--depth", min=1, hidden=True, help="Reduced depth (tests)."),
-    gemm_size: int = typer.Option(2048, "--gemm-size", min=16, hidden=True, help="Reference GEMM side (tests)."),
+    gemm_size: Optional[int] = typer.Option(None, "--gemm-size", min=16, hidden=True,
+                                            help="Reference GEMM side (default 2048 on CPU, 8192 on GPU)."),
 ):
     """Throughput (img/s), peak memory and GEMM-relative efficiency of inference and training steps."""
     from tntcli import bench

@@ -1,7 +1,9 @@
 """Run configuration: one dataclass per recipe section, loaded from YAML recipes and overridden by flags.
 
-Defaults are the paper's ImageNet recipe (it follows DeiT). Every key a recipe may hold is a field here, so an
-unknown or mistyped key is an error that names it, never a silently ignored setting.
+Each recipe key is declared once, below: its type, default and help, and the command-line spellings that
+`tnt train`, `tnt transfer` and `tnt ablate` build their common flags from (`cli.with_run_flags`). Defaults are
+the paper's ImageNet recipe (it follows DeiT). Every key a recipe may hold is a field here, so an unknown or
+mistyped key is an error that names it, never a silently ignored setting.
 """
 from __future__ import annotations
 
@@ -10,70 +12,142 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from tntcli.backends import BACKENDS
-from tntcli.data import AugmentSettings
 from tntcli.errors import TntError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+AMP_SETTINGS = ("auto", "bf16", "fp16", "off")
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A command-line spelling of a recipe key, e.g. `--batch-size/-b`.
+
+    `switch=(on, off)` makes it a bare on/off flag (`--amp/--no-amp`) that sets the key to `on` or `off`; when a
+    key has both a switch and a value flag and both are given, the value flag wins.
+    """
+    names: tuple[str, ...]
+    min: float | None = None
+    switch: tuple[Any, Any] | None = None
+    help: str | None = None             # this spelling's own help (default: the key's)
+
+
+def flag(*names: str, min: float | None = None, switch: tuple[Any, Any] | None = None, help: str | None = None) -> Flag:
+    return Flag(names, min=min, switch=switch, help=help)
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *flags: Flag, factory=None) -> Any:
+    """A recipe key: default (or `factory` for mutable defaults), help, and its command-line flags."""
+    metadata = {"help": help, "flags": flags}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------ the recipe
 @dataclass
 class ModelSection:
-    name: str = "tnt-s"
-    img_size: int | None = None          # None: the model's own (224)
-    drop_path: float = 0.1               # stochastic depth rate of the last block
-    arch: dict[str, Any] = field(default_factory=dict)   # architecture overrides, e.g. {depth: 4, dim: 96}
-    pretrained: str | None = None        # checkpoint to start from (any supported format)
-    freeze_backbone: bool = False        # linear probe: only the classification head trains
+    name: str = setting("tnt-s", "Model name, e.g. tnt-s, deit-s (transfer: default the checkpoint's).",
+                        flag("--model", "-m"))
+    img_size: int | None = setting(None, "Input resolution; the model's own (224) when unset. Transfer: the "
+                                   "position embedding is resized.", flag("--img-size", min=16))
+    drop_path: float = setting(0.1, "Stochastic depth rate of the last block (linear from 0 over the blocks).",
+                               flag("--drop-path"))
+    arch: dict[str, Any] = setting(help="Architecture overrides, e.g. {depth: 4, dim: 96}.", factory=dict)
+    pretrained: str | None = setting(None, "Checkpoint to start from (any supported format).")
+    freeze_backbone: bool = setting(False, "Linear probe: only the classification head trains.",
+                                    flag("--freeze-backbone"))
 
 
 @dataclass
 class DataSection:
-    data: str | None = None              # .beton, ImageFolder root, cifar10/cifar100/flowers102/pets, digits
-    data_root: str | None = None         # where named datasets live / are downloaded
-    batch_size: int = 128                # per process
-    workers: int = 2
-    mean: list[float] | None = None      # None: the model's convention (TNT 0.5/0.5, DeiT ImageNet)
-    std: list[float] | None = None
-    crop_pct: float | None = None
-    max_train_images: int | None = None  # subsample the train set (quick experiments)
-    augment: bool = True                 # false: no augmentation at all (debugging, exactness checks)
-    strict: bool = False                 # an unreadable image stops the run instead of being skipped
+    data: str | None = setting(None, "Dataset: .beton, ImageFolder root, cifar10/cifar100/flowers102/pets, digits.",
+                               flag("--data"))
+    data_root: str | None = setting(None, "Folder where named datasets live / are downloaded.", flag("--data-root"))
+    batch_size: int = setting(128, "Batch size per process.", flag("--batch-size", "-b", min=1))
+    workers: int = setting(2, "Data loading worker processes per process.", flag("--workers", "-j", min=0))
+    mean: list[float] | None = setting(None, "Normalisation mean; the model's convention (TNT 0.5, DeiT "
+                                       "ImageNet's) when unset.")
+    std: list[float] | None = setting(None, "Normalisation std; the model's convention when unset.")
+    crop_pct: float | None = setting(None, "Centre-crop fraction at evaluation; the model's when unset.")
+    max_train_images: int | None = setting(None, "Subsample the train set (quick experiments).")
+    augment: bool = setting(True, "false: no augmentation at all (debugging, exactness checks).")
+    strict: bool = setting(False, "An unreadable image stops the run instead of being skipped.",
+                           flag("--strict", help="Unreadable images are an error, not a skip."))
 
 
 @dataclass
 class OptimSection:
-    lr: float = 1e-3                     # at the reference batch below; scaled linearly with the global batch
-    lr_ref_batch: int = 1024
-    weight_decay: float = 0.05           # none on norms, biases, position embeddings and the cls token
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    cooldown_epochs: int = 10            # last epochs held at min_lr (counted inside `epochs`)
-    clip_grad: float | None = None
-    layer_decay: float | None = None     # e.g. 0.75: block i gets lr*decay^(depth-i), embeddings decay^(depth+1)
-    backbone_lr_scale: float = 1.0       # lr multiplier for everything but the head (fine-tuning)
+    lr: float = setting(1e-3, "Peak learning rate at a global batch of optim.lr_ref_batch (1024), scaled "
+                        "linearly with the global batch (per-process batch x processes).", flag("--lr"))
+    lr_ref_batch: int = setting(1024, "The global batch that optim.lr is given for.")
+    weight_decay: float = setting(0.05, "AdamW weight decay; none on norms, biases, position embeddings and the "
+                                  "cls token.", flag("--weight-decay"))
+    betas: list[float] = setting(help="AdamW betas.", factory=lambda: [0.9, 0.999])
+    eps: float = setting(1e-8, "AdamW epsilon.")
+    warmup_epochs: int = setting(5, "Epochs of linear warmup from optim.warmup_lr.", flag("--warmup-epochs", min=0))
+    warmup_lr: float = setting(1e-6, "Learning rate at the start of the warmup.", flag("--warmup-lr"))
+    min_lr: float = setting(1e-5, "Learning rate at the end of the cosine and during the cooldown.",
+                            flag("--min-lr"))
+    cooldown_epochs: int = setting(10, "Last epochs held at optim.min_lr (counted inside train.epochs).")
+    clip_grad: float | None = setting(None, "Clip the gradient norm to this value.", flag("--clip-grad"))
+    layer_decay: float | None = setting(None, "Layer-wise lr decay, e.g. 0.75: block i gets lr*decay^(depth-i), "
+                                        "the embeddings decay^(depth+1).", flag("--layer-decay"))
+    backbone_lr_scale: float = setting(1.0, "lr multiplier for everything but the head (fine-tuning).",
+                                       flag("--backbone-lr-scale"))
+
+
+@dataclass
+class AugmentSettings:
+    """Train-time augmentation. `aug=None` in `build_loaders` means none of it (plain resize + center crop)."""
+
+    scale: tuple[float, float] = setting((0.08, 1.0), "Random-resized-crop area range.")
+    hflip: float = setting(0.5, "Horizontal flip probability.")
+    rand_augment: str | None = setting("rand-m9-mstd0.5-inc1", "timm-style RandAugment string; '' (or null in a recipe) = off.",
+                                       flag("--aa"))
+    random_erasing: float = setting(0.25, "Random erasing probability (timm's pixel mode).", flag("--reprob"))
+    mixup: float = setting(0.8, "MixUp alpha; 0 = off.", flag("--mixup"))
+    cutmix: float = setting(1.0, "CutMix alpha; 0 = off.", flag("--cutmix"))
+    mixup_switch_prob: float = setting(0.5, "Probability of CutMix when both MixUp and CutMix are on.")
+    label_smoothing: float = setting(0.1, "Label smoothing (applied by the engine's loss).", flag("--smoothing"))
 
 
 @dataclass
 class TrainSection:
-    epochs: int = 300
-    seed: int = 0
-    ema_decay: float | None = 0.99996    # None or 0: no EMA model
-    amp: str = "auto"                    # auto (bf16 on GPU, off on CPU), bf16, fp16, off
-    compile: bool = False
-    backend: str = "auto"                # speed paths: auto | reference | cpu-fast | cpu-eager | cuda (tntcli/backends)
-    repeated_aug: int = 3                # DeiT's repeated augmentation, used when distributed
-    max_steps: int | None = None         # cap on train steps per epoch (smoke tests, quick looks)
-    eval_every: int = 1
-    nan_policy: str = "stop"             # stop | skip: what a non-finite loss does
-    checkpoint_every_steps: int | None = None   # also save mid-epoch (resume is exact either way)
+    epochs: int = setting(300, "Epochs to train.", flag("--epochs", min=1))
+    seed: int = setting(0, "Random seed (data order, augmentation, initialisation).", flag("--seed"))
+    ema_decay: float | None = setting(
+        0.99996, "EMA of the weights with this decay; null or 0: no EMA model.",
+        flag("--model-ema-decay", help="EMA decay of the weights (0: no EMA)."),
+        flag("--model-ema/--no-model-ema", switch=(0.99996, 0.0),
+             help="EMA of the weights at the paper's decay 0.99996 (another: --model-ema-decay) / no EMA."))
+    amp: str = setting(
+        "auto", "Autocast precision: auto (bf16 on GPU, off on CPU), bf16, fp16 or off.",
+        flag("--precision", help="Autocast precision: auto (bf16 on GPU, off on CPU), bf16, fp16 or off."),
+        flag("--amp/--no-amp", switch=("bf16", "off"),
+             help="bf16 autocast on any device (timm's --amp) / fp32; --precision picks auto or fp16."))
+    compile: bool = setting(False, "torch.compile the model.", flag("--compile/--no-compile"))
+    backend: str = setting("auto", "Speed paths applied to the model (tntcli/backends): auto | reference | cpu-fast | cpu-eager | cuda.",
+                           flag("--backend"))
+    repeated_aug: int = setting(3, "DeiT's repeated augmentation (repeats per image), used when distributed.")
+    repeated_aug_single_process: bool = setting(False, "Use train.repeated_aug in a one-process run too (DeiT, "
+                                                "and by default tnt, turn it off there).")
+    max_steps: int | None = setting(None, "Cap on train steps per epoch (smoke tests, quick looks).",
+                                    flag("--max-steps", min=1))
+    eval_every: int = setting(1, "Evaluate every this many epochs (and after the last).")
+    log_every: int = setting(50, "Read the loss back from the device, log it and act on a non-finite loss every "
+                             "this many steps (and at the epoch end); steps in between never wait for the host.",
+                             flag("--log-every", min=1))
+    nan_policy: str = setting(
+        "stop", "What a non-finite loss does: stop (at the next log step, naming the step; the checkpoint on disk "
+        "predates it) | skip (the step changes no weight, optimiser state or EMA; the lr schedule still advances; "
+        "costs a copy of the weights and optimiser state per step).")
+    checkpoint_every_steps: int | None = setting(None, "Also save mid-epoch every this many steps (resume is "
+                                                 "exact either way).")
 
 
 @dataclass
@@ -86,6 +160,27 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class RecipeKey:
+    """One declared recipe key, as the command line sees it."""
+    key: str                            # dotted: "optim.lr"
+    type: Any                           # the field's resolved type hint
+    default: Any
+    help: str
+    flags: tuple[Flag, ...]
+
+
+def recipe_keys() -> Iterator[RecipeKey]:
+    """Every recipe key in declaration order (sections as in RunConfig)."""
+    for section in dataclasses.fields(RunConfig):
+        cls = section.default_factory
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            yield RecipeKey(f"{section.name}.{f.name}", hints[f.name], default, f.metadata.get("help", ""),
+                            f.metadata.get("flags", ()))
 
 
 def _plain(value: Any) -> Any:
@@ -209,11 +304,12 @@ def validate(cfg: RunConfig) -> None:
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= cfg.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
         (cfg.optim.warmup_epochs >= 0 and cfg.optim.cooldown_epochs >= 0, "warmup/cooldown epochs must be >= 0"),
-        (cfg.train.amp in ("auto", "bf16", "fp16", "off"), "train.amp must be auto, bf16, fp16 or off"),
-        (cfg.train.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}"),
+        (cfg.train.amp in AMP_SETTINGS, "train.amp must be auto, bf16, fp16 or off"),
+        (cfg.train.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got '{cfg.train.backend}'"),
         (cfg.train.nan_policy in ("stop", "skip"), "train.nan_policy must be stop or skip"),
         (cfg.train.ema_decay is None or 0 <= cfg.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1]"),
         (cfg.optim.backbone_lr_scale > 0, "optim.backbone_lr_scale must be > 0 (model.freeze_backbone freezes it)"),
         (cfg.model.img_size is None or cfg.model.img_size > 0, "model.img_size must be > 0"),
@@ -224,11 +320,6 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise TntError(message)
-
-
-def config_from_dict(d: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from a saved `config.yaml` / checkpoint record."""
-    return build_config(d)
 
 
 def run_model_config(cfg: RunConfig, num_classes: int = 1000):

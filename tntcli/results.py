@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from tntcli.fsio import atomic_write_text  # noqa: F401  (the results writers' one way to write)
+from tntcli.fsio import atomic_write, atomic_write_text  # noqa: F401  (the results writers' one way to write)
 
 
 @contextlib.contextmanager
@@ -52,10 +52,8 @@ def save_figure(fig, stem: str | os.PathLike) -> list[Path]:
     written = []
     for ext in ("png", "svg"):
         final = stem.with_name(f"{stem.name}.{ext}")
-        tmp = final.with_name(f".{final.name}.tmp")
-        fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
-        os.replace(tmp, final)
-        written.append(final)
+        written.append(atomic_write(final, lambda f: fig.savefig(f, format=ext, dpi=120, bbox_inches="tight"),
+                                    binary=True))
     return written
 
 
@@ -114,32 +112,6 @@ def plot_top1_vs_gmacs(series: dict[str, list[tuple[str, float, float]]], stem: 
         plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------- run folders
-ABLATION_MARKER = "ablation.json"     # `tnt ablate` marks its run folders with the variants they stand for
-
-
-def read_run(run_dir: str | os.PathLike) -> dict | None:
-    """One run folder as a record: summary.json, the median training img/s over its epochs (metrics.csv), the
-    architecture overrides (config.yaml model.arch) and the metrics rows; None without a summary.json."""
-    import json
-
-    import yaml
-
-    run_dir = Path(run_dir)
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    metrics, config, marker = run_dir / "metrics.csv", run_dir / "config.yaml", run_dir / ABLATION_MARKER
-    history = pd.read_csv(metrics).to_dict("records") if metrics.is_file() else []
-    speeds = pd.Series([row.get("img_per_s") for row in history], dtype=float).dropna()
-    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {} if config.is_file() else {}
-    return {**summary, "run_dir": str(run_dir), "history": history,
-            "img_per_s": float(speeds.median()) if len(speeds) else None,
-            "arch": {k: v for k, v in (model.get("arch") or {}).items() if k != "img_size"},
-            "ablation": json.loads(marker.read_text()) if marker.is_file() else None}
-
-
 def arch_text(arch: dict) -> str:
     """Architecture overrides as one short string; '' is the named architecture as it is."""
     import json
@@ -157,10 +129,11 @@ NO_RUN = "(no run)"
 def collect_runs(runs_root: str | os.PathLike) -> list[dict]:
     """Completed runs under `runs_root`, at any depth. Of the runs `tnt ablate` made only its baselines count:
     the variants are compared in their own ablation tables."""
+    from tntcli.runs import find_runs
+
     records = []
-    for summary in sorted(Path(runs_root).rglob("summary.json")):
-        rec = read_run(summary.parent)
-        if rec is None or rec.get("status") != "completed" or rec.get("best_top1") is None:
+    for rec in find_runs(runs_root):
+        if rec.get("status") != "completed" or rec.get("best_top1") is None:
             continue
         if rec["ablation"] is not None and "baseline" not in rec["ablation"].get("variants", []):
             continue

@@ -8,7 +8,6 @@ finished transfer runs against the paper's figures.
 """
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -16,16 +15,16 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 
 from tntcli.config import RECIPE_DIR, RunConfig, build_config, load_recipe, run_model_config
 from tntcli.data.sources import NAMED_DATASETS, list_class_folders, resolve_source
 from tntcli.errors import TntError
-from tntcli.models.checkpoints import (OURS, guess_model_name, load_weights, read_checkpoint, to_ours,
+from tntcli.models.weights import (OURS, guess_model_name, load_weights, read_checkpoint, to_ours,
                                        unwrap_state_dict)
 from tntcli.models.registry import build_model, config_to_dict, model_config
 from tntcli.paper import paper_figures
 from tntcli.results import write_table
+from tntcli.runs import find_runs
 
 # Config fields that a checkpoint does not fix for fine-tuning: the rest of a saved config is its architecture.
 _NOT_ARCH = ("img_size", "num_classes", "drop_path_rate")
@@ -142,20 +141,17 @@ def paper_transfer() -> dict[str, Any]:
 
 
 def _run_rows(runs_dir: Path) -> list[dict[str, Any]]:
-    """One row per run folder under `runs_dir` (summary.json + config.yaml), fine-tuned or from scratch."""
+    """One row per run folder under `runs_dir` (with a config.yaml), fine-tuned or from scratch."""
     rows = []
-    for summary_path in sorted(Path(runs_dir).rglob("summary.json")):
-        config_path = summary_path.with_name("config.yaml")
-        if not config_path.is_file():
+    for run in find_runs(runs_dir):
+        if run["config"] is None:
             continue
-        summary = json.loads(summary_path.read_text())
-        pretrained = (yaml.safe_load(config_path.read_text()).get("model") or {}).get("pretrained")
-        rows.append({"model": summary["model"], "img_size": summary["img_size"],
-                     "dataset": dataset_label(summary["data"]),
+        pretrained = (run["config"].get("model") or {}).get("pretrained")
+        rows.append({"model": run["model"], "img_size": run["img_size"], "dataset": dataset_label(run["data"]),
                      "init": "/".join(Path(pretrained).parts[-2:]) if pretrained else "scratch",
-                     "ours_top1": summary.get("final_top1"), "ours_best_top1": summary.get("best_top1"),
-                     "epochs": f"{summary['epochs_done']}/{summary['epochs']}", "status": summary["status"],
-                     "run": str(summary_path.parent.relative_to(runs_dir))})
+                     "ours_top1": run.get("final_top1"), "ours_best_top1": run.get("best_top1"),
+                     "epochs": f"{run['epochs_done']}/{run['epochs']}", "status": run["status"],
+                     "run": str(Path(run["run_dir"]).relative_to(runs_dir))})
     return rows
 
 

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from tntcli.data.augment import AugmentSettings, BatchAugment
+from tntcli.config import AugmentSettings
+from tntcli.data.augment import BatchAugment
 from tntcli.data.sources import DataSource, resolve_source
 
 __all__ = ["AugmentSettings", "DataSource", "Loaders", "build_loaders", "resolve_source"]

@@ -1,6 +1,5 @@
 """Augmentations shared by the torchvision and FFCV paths.
 
-- `AugmentSettings`: the recipe's augmentation section (defaults = the TNT/DeiT ImageNet recipe).
 - `parse_rand_augment`: timm-style `rand-m9-n2-mstd0.5-inc1` strings.
 - `TimmRandAugment`: torchvision's RandAugment with timm's per-op Gaussian magnitude noise (`mstd`).
 - `BatchAugment`: the `Loaders.batch_augment` callable. MixUp/CutMix on the batch; on the FFCV path also the
@@ -21,24 +20,11 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
+from tntcli.config import AugmentSettings  # the recipe's aug section, declared with the other recipe keys
 from tntcli.errors import TntError
 
 MAGNITUDE_MAX = 10.0    # timm's level denominator: m9 means 90 % of each op's range
 MAGNITUDE_STEPS = 10    # bins per magnitude unit (timm draws continuous magnitudes; 0.1 steps are close)
-
-
-@dataclass
-class AugmentSettings:
-    """Train-time augmentation. `aug=None` in `build_loaders` means none of it (plain resize + center crop)."""
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # None/"" = off
-    random_erasing: float = 0.25
-    mixup: float = 0.8           # alpha; 0 = off
-    cutmix: float = 1.0          # alpha; 0 = off
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1  # applied by the engine's loss, not here
 
 
 # ------------------------------------------------------------------------------------------------ seeds

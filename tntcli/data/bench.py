@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tntcli.data.augment import AugmentSettings
+from tntcli.config import AugmentSettings
 from tntcli.errors import TntError
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"

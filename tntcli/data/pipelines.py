@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 from torchvision.transforms import v2
 
+from tntcli.config import AugmentSettings
 from tntcli.data.augment import (
-    AugmentSettings,
     TimmRandAugment,
     fill_from_mean,
     mix_seed,

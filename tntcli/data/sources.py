@@ -35,7 +35,6 @@ from PIL import Image
 from tntcli.errors import TntError
 
 NAMED_DATASETS = ("cifar10", "cifar100", "flowers102", "pets")
-OFFLINE_DATASETS = ("digits",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_SPLIT_SEED = 0
 _DOWNLOAD_TIMEOUT_S = 30

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from tntcli.errors import TntError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,3 +69,31 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    """Every rank waits here for all the others (e.g. until rank 0's checkpoint is on disk)."""
+    if env.enabled:
+        dist.barrier()
+
+
+def together(work: Callable[[], T], env: DistEnv, what: str) -> T:
+    """Run `work` on every rank; if it fails on any rank, fail on all of them with that rank's message.
+
+    Without this, a rank that fails alone (a missing package, a bad file) exits while the others wait forever
+    in their next collective (DDP's first broadcast)."""
+    if not env.enabled:
+        return work()
+    result, problem, error = None, None, None
+    try:
+        result = work()
+    except Exception as err:           # noqa: BLE001 - reported to every rank below, then raised
+        error = err
+        problem = str(err) if isinstance(err, TntError) else f"{type(err).__name__}: {err}"
+    problems: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(problems, problem)
+    failed = [(rank, text) for rank, text in enumerate(problems) if text]
+    if failed:
+        rank, text = failed[0]
+        raise TntError(f"{what} failed on rank {rank}: {text}") from error
+    return result

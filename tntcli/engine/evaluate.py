@@ -1,6 +1,7 @@
 """Evaluation: top-1/top-5/loss over a loader (reduced over ranks), and the `tnt eval` record."""
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import nullcontext
 from typing import Any, Callable
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tntcli.engine import distributed
+from tntcli.engine import distributed, runtime
 
 
 @torch.no_grad()
@@ -62,7 +63,7 @@ def run_eval(*, model_name: str | None, checkpoint: str, data: str, data_root: s
     from tntcli.backends import apply_backend
     from tntcli.data import build_loaders
     from tntcli.errors import TntError
-    from tntcli.models.checkpoints import load_checkpoint
+    from tntcli.models.weights import load_checkpoint
     from tntcli.models.registry import get_spec
     from tntcli.results import atomic_write_text, locked
 
@@ -79,9 +80,9 @@ def run_eval(*, model_name: str | None, checkpoint: str, data: str, data_root: s
             raise TntError(f"the checkpoint classifies {model.cfg.num_classes} classes but {data} has "
                            f"{loaders.num_classes}; fine-tune it with `tnt transfer` first")
         model.to(device)
-        dtype = torch.bfloat16 if device.type == "cuda" else None
+        dtype = runtime.amp_dtype("auto", device)
         apply_backend(model, device=device, dtype=dtype, training=False, batch_size=batch_size)
-        autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        autocast = functools.partial(runtime.autocast, device, dtype)
         if reporter is not None:
             with reporter.bar(f"eval {name}", len(loaders.val)) as bar:
                 metrics = evaluate(model, loaders.val, autocast=autocast, progress=lambda n: bar.update())
@@ -93,7 +94,7 @@ def run_eval(*, model_name: str | None, checkpoint: str, data: str, data_root: s
               "top1": round(metrics["top1"], 4), "top5": round(metrics["top5"], 4), "loss": round(metrics["loss"], 6),
               "img_per_s": round(metrics["img_per_s"], 2), "n_images": metrics["n_images"],
               "img_size": model.cfg.img_size, "crop_pct": crop_pct or spec.crop_pct,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+              "device": runtime.device_name(device)}
     folder = Path(results_dir)
     with locked(folder):                                    # several evals may finish at once
         path = folder / "eval.csv"

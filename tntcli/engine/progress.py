@@ -12,11 +12,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class _Bar:
     def __init__(self, progress: Progress | None, task, total: int, log, label: str):
         self.progress, self.task, self.total, self.log, self.label = progress, task, total, log, label
-        self.done, self.last_log = 0, time.perf_counter()
+        self.done, self.last_log, self.stats = 0, time.perf_counter(), {}
 
     def update(self, **stats: float) -> None:
+        """One step done; `stats` replace the shown values of the same name (others keep their last value)."""
         self.done += 1
-        text = "  ".join(f"{k.replace('_per_', '/')} {v:.4g}" for k, v in stats.items())
+        self.stats.update(stats)
+        text = "  ".join(f"{k.replace('_per_', '/')} {v:.4g}" for k, v in self.stats.items())
         if self.progress is not None:
             self.progress.update(self.task, advance=1, stats=text)
         elif time.perf_counter() - self.last_log > 10 or self.done == self.total:   # plain: every 10 s

@@ -34,7 +34,7 @@ class Attention(nn.Module):
     """Multi-head self-attention: softmax(q k^T / sqrt(head_dim)) v per head, (B, N, dim) -> (B, N, dim).
 
     One fused qkv projection (rows q, k, v). The official TNT code keeps separate `qk` and `v` projections; their
-    weights concatenate into `qkv` exactly, so checkpoints convert without changing a number (models/checkpoints.py).
+    weights concatenate into `qkv` exactly, so checkpoints convert without changing a number (models/weights.py).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0,

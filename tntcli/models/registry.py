@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -25,7 +25,6 @@ class ModelSpec:
     std: tuple[float, float, float] = TNT_STD
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _DEIT = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)

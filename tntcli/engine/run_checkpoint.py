@@ -1,8 +1,8 @@
 """Training checkpoints that survive kills: atomic writes, a checksum beside each file, one previous copy kept.
 
-Saving `last.pt`: serialise, write `last.pt.sha256.tmp` and a temp file (fsynced), move the current pair to
-`last.prev.pt(.sha256)`, then rename the new pair into place. A kill at any moment leaves either a complete new
-file, or the previous one. Loading verifies the checksum and falls back to the previous file when the newest
+Saving `last.pt`: serialise, write a temp file (fsynced, `fsio.atomic_write`), move the current pair to
+`last.prev.pt(.sha256)`, then rename the new file into place and write its checksum (also atomically). A kill at
+any moment leaves either a complete new file, or the previous one. Loading verifies the checksum and falls back to the previous file when the newest
 is unreadable or does not match.
 """
 from __future__ import annotations
@@ -10,16 +10,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tntcli.errors import TntError
-from tntcli.results import atomic_write_text
+from tntcli.fsio import atomic_write_bytes, atomic_write_text
 
 
 def _digest_path(path: Path) -> Path:
@@ -32,26 +30,28 @@ def _prev_path(path: Path) -> Path:
 
 def save_verified(record: dict[str, Any], path: str | os.PathLike, keep_previous: bool = True) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = _serialise(record)
+
+    def keep_current_as_previous() -> None:           # runs once the new file is on disk, before it replaces
+        if not keep_previous:
+            _digest_path(path).unlink(missing_ok=True)  # the old checksum must not judge the new file
+        elif path.exists():
+            prev = _prev_path(path)
+            os.replace(path, prev)
+            if _digest_path(path).exists():
+                os.replace(_digest_path(path), _digest_path(prev))
+            else:
+                _digest_path(prev).unlink(missing_ok=True)
+
+    atomic_write_bytes(path, blob, before_replace=keep_current_as_previous)
+    atomic_write_text(_digest_path(path), hashlib.sha256(blob).hexdigest() + "\n")
+    return path
+
+
+def _serialise(record: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(record, buffer)
-    blob = buffer.getvalue()
-    digest = hashlib.sha256(blob).hexdigest()
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        prev = _prev_path(path)
-        os.replace(path, prev)
-        if _digest_path(path).exists():
-            os.replace(_digest_path(path), _digest_path(prev))
-        else:
-            _digest_path(prev).unlink(missing_ok=True)
-    os.replace(tmp, path)
-    atomic_write_text(_digest_path(path), digest + "\n")
-    return path
+    return buffer.getvalue()
 
 
 def _read_verified(path: Path) -> dict[str, Any]:
@@ -80,25 +80,3 @@ def load_verified(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     if problems:
         raise TntError(f"no readable checkpoint in {path.parent} ({'; '.join(problems)})")
     raise TntError(f"no checkpoint to resume from: {path} does not exist")
-
-
-# --------------------------------------------------------------------------------------------- RNG state
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Checkpoint formats: read any supported file, detect its layout, convert to ours, resize position embeddings.
+"""Model weights in every supported format: read a file, detect its layout, convert to ours, resize position
+embeddings, load into a model, save ours.
 
 Supported, detected from the keys: our own files, the official TNT release (plain or wrapped in
 `model`/`state_dict`/`state_dict_ema`), timm `tnt_*_patch16_224` (current and legacy layouts) and timm
