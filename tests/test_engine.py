@@ -59,7 +59,7 @@ def test_run_folder_holds_config_metrics_checkpoints_summary_and_plot(finished_r
         assert (finished_run / name).is_file(), name
 
 
-def test_lr_schedule_is_warmup_then_cosine_then_cooldown():
+def test_lr_schedule_is_warmup_then_cosine_then_cooldown_set_once_per_epoch():
     cfg = tiny_config(**{"train.epochs": 5, "optim.warmup_epochs": 1, "optim.cooldown_epochs": 1})
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sched = train_mod.build_scheduler(opt, cfg, lr=1e-3, steps_per_epoch=10)
@@ -68,9 +68,9 @@ def test_lr_schedule_is_warmup_then_cosine_then_cooldown():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(1e-6)                        # warmup starts at warmup_lr
-    assert lrs[10] == pytest.approx(1e-3)                       # peak after one epoch
-    assert all(a > b for a, b in zip(lrs[10:40], lrs[11:40]))   # cosine decay over epochs 2-4
+    assert lrs[:10] == [pytest.approx(1e-6)] * 10               # warmup epoch at warmup_lr (timm: per epoch)
+    assert all(len(set(lrs[e * 10:(e + 1) * 10])) == 1 for e in range(5))
+    assert all(a > b for a, b in zip(lrs[10:40:10], lrs[20:40:10]))   # cosine decay over epochs 2-4
     assert lrs[40:] == pytest.approx([1e-5] * 10)               # cooldown epoch at min_lr
 
 

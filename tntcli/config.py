@@ -54,7 +54,9 @@ class OptimSection:
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
-    cooldown_epochs: int = 10            # last epochs held at min_lr (counted inside `epochs`)
+    cooldown_epochs: int = 10            # last epochs held at min_lr (counted inside `train.epochs`)
+    sched_on_updates: bool = False       # False: lr set once per epoch (timm's default, the official run); True:
+                                         # every optimiser step (engine/schedule.py has the formula)
     clip_grad: float | None = None
     layer_decay: float | None = None     # e.g. 0.75: block i gets lr*decay^(depth-i), embeddings decay^(depth+1)
     backbone_lr_scale: float = 1.0       # lr multiplier for everything but the head (fine-tuning)
@@ -62,7 +64,7 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    epochs: int = 300
+    epochs: int = 310                    # every epoch run: 300 under the cosine + optim.cooldown_epochs, as timm
     seed: int = 0
     ema_decay: float | None = 0.99996    # None or 0: no EMA model
     amp: str = "auto"                    # auto (bf16 on GPU, off on CPU), bf16, fp16, off
