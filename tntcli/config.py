@@ -6,6 +6,7 @@ unknown or mistyped key is an error that names it, never a silently ignored sett
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import yaml
 from tntcli.data import AugmentSettings
 from tntcli.errors import TntError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = importlib.resources.files("tntcli") / "recipes"   # shipped in the package: found from any folder
 
 
 @dataclass
@@ -97,14 +98,30 @@ def _plain(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def find_recipe(recipe: str) -> Path:
-    """A recipe path, or a name under recipes/ (`quickstart`, `tnt-s-imagenet`, `transfer/cifar10`)."""
-    candidates = [Path(recipe), RECIPE_DIR / recipe, RECIPE_DIR / f"{recipe}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    known = sorted(str(p.relative_to(RECIPE_DIR).with_suffix("")) for p in RECIPE_DIR.rglob("*.yaml"))
-    raise TntError(f"recipe '{recipe}' not found; give a YAML path or one of: {', '.join(known)}")
+def find_recipe(recipe: str):
+    """A recipe file: a path, else a name shipped with tnt (`quickstart`, `tnt-s-imagenet`, `transfer/cifar10`).
+
+    A name that is neither is an error listing the shipped names, never a fall-back to the defaults.
+    """
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    for name in (recipe, f"{recipe}.yaml"):
+        shipped = RECIPES.joinpath(*name.split("/"))
+        if shipped.is_file():
+            return shipped
+    raise TntError(f"recipe '{recipe}' not found; give a YAML path or one of: {', '.join(recipe_names())}")
+
+
+def recipe_names(folder=RECIPES, prefix: str = "") -> list[str]:
+    """Names of the shipped recipes, e.g. ['deit-b-imagenet', ..., 'transfer/cifar10', ...]."""
+    names = []
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            names += recipe_names(entry, f"{prefix}{entry.name}/")
+        elif entry.name.endswith(".yaml"):
+            names.append(prefix + entry.name.removesuffix(".yaml"))
+    return sorted(names)
 
 
 def load_recipe(recipe: str | None) -> dict[str, Any]:
