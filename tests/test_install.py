@@ -188,3 +188,15 @@ def test_a_cpu_training_step_prints_no_cuda_runtime_line(tmp_path):
                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert CUDA_CHATTER not in result.stderr + result.stdout
+
+
+def test_curve_plots_tick_whole_epochs_only(tmp_path, monkeypatch):
+    from tntcli import results
+
+    captured = {}
+    monkeypatch.setattr(results, "save_figure", lambda fig, stem: captured.setdefault("fig", fig) and [])
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "val_top1": 10.0 * e} for e in (1, 2, 3)]
+    results.plot_training_curves({"run": rows}, tmp_path / "curves")
+    for ax in captured["fig"].axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
