@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -16,7 +15,7 @@ import torch
 from tntcli.config import build_config
 from tntcli.engine import train as train_mod
 from tntcli.engine.train import StopFlag, train
-from tntcli.errors import Preempted, TntError
+from tntcli.errors import TntError
 
 TINY_ARCH = {"depth": 1, "patch_size": 8, "inner_stride": 4, "dim": 32, "heads": 2, "word_dim": 8, "inner_heads": 2}
 
@@ -74,16 +73,7 @@ def test_lr_schedule_is_warmup_then_cosine_then_cooldown_set_once_per_epoch():
     assert lrs[40:] == pytest.approx([1e-5] * 10)               # cooldown epoch at min_lr
 
 
-def test_resume_after_an_epoch_reproduces_the_uninterrupted_run(finished_run, tmp_path):
-    """Resume from the checkpoint written after epoch 2 (kept as last.prev.pt): epoch 3 must match exactly."""
-    run = tmp_path / "resumed"
-    shutil.copytree(finished_run, run)
-    os.replace(run / "last.prev.pt", run / "last.pt")
-    os.replace(run / "last.prev.pt.sha256", run / "last.pt.sha256")
-    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 2
-    train(tiny_config(), resume=run)
-    pd.testing.assert_frame_equal(metrics(run).drop(columns=["img_per_s", "seconds"]),
-                                  metrics(finished_run).drop(columns=["img_per_s", "seconds"]))
+# Exact resume (epoch boundary and mid-epoch preemption): tests/test_exactness.py.
 
 
 class StopAfter(StopFlag):
@@ -101,18 +91,6 @@ class StopAfter(StopFlag):
     @raised.setter
     def raised(self, value):
         pass
-
-
-def test_preemption_saves_mid_epoch_and_resume_is_exact(finished_run, tmp_path):
-    run = tmp_path / "preempted"
-    with pytest.raises(Preempted):
-        train(tiny_config(), out=run, stop=StopAfter(6))     # 4 steps per epoch: stops in epoch 2, step 3
-    state = torch.load(run / "last.pt", weights_only=False)
-    assert (state["epoch"], state["step_in_epoch"]) == (1, 3)
-    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
-    train(tiny_config(), resume=run)
-    pd.testing.assert_frame_equal(metrics(run).drop(columns=["img_per_s", "seconds"]),
-                                  metrics(finished_run).drop(columns=["img_per_s", "seconds"]))
 
 
 def test_existing_run_folder_is_refused_unless_overwrite(finished_run, tmp_path):
