@@ -49,3 +49,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("TNT_REQUIRE_FFCV") == "1":
         pytest.fail(f"{message} but TNT_REQUIRE_FFCV=1", pytrace=False)
     pytest.skip(message)
+
+
+# ------------------------------------------------------------------------------------------ flops
+@pytest.fixture(scope="session")
+def paper_flops_table():
+    """`tnt flops --all`'s table (every paper model at 224px), measured once per test session (~10 s)."""
+    from tntcli.flops import PAPER_MODELS, flops_table
+
+    return flops_table(PAPER_MODELS)

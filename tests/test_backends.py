@@ -397,16 +397,22 @@ def test_the_fastest_cuda_candidate_is_chosen_and_a_failing_one_is_skipped(monke
     assert timed == ["sdpa", "explicit", "compiled"]
 
 
-def test_a_stale_kernel_build_lock_is_cleared_but_a_fresh_one_is_respected(tmp_path):
+def test_a_stale_kernel_build_lock_is_cleared_but_a_live_one_is_respected(tmp_path):
     """A build killed midway leaves cpp_extension's lock behind; it must not send every later process through a
-    rebuild check (slow, and a CUDA_HOME warning on CPU machines)."""
+    rebuild check (slow, and a CUDA_HOME warning on CPU machines). A live build's library may be half-written."""
     import os
     import time
 
-    lock = tmp_path / "lock"
+    lock, library = tmp_path / "lock", tmp_path / "kernel.so"
     lock.touch()
-    assert kernels._build_in_progress(lock) and lock.exists()
+    assert kernels._build_in_progress(lock, library) and lock.exists()          # building, nothing linked yet
+    library.touch()
+    assert kernels._build_in_progress(lock, library) and lock.exists()          # just linked: wait for the builder
+    old = time.time() - 2 * kernels._LINK_SETTLE_SECONDS
+    os.utime(library, (old, old))
+    assert not kernels._build_in_progress(lock, library) and not lock.exists()  # linked long ago: stale
+    lock.touch()
+    library.unlink()
     old = time.time() - 2 * kernels._STALE_LOCK_SECONDS
     os.utime(lock, (old, old))
-    assert not kernels._build_in_progress(lock) and not lock.exists()
-    assert not kernels._build_in_progress(lock)
+    assert not kernels._build_in_progress(lock, library) and not lock.exists()  # older than any build

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 
 import pandas as pd
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -35,6 +37,19 @@ def test_gemm_reference_runs_the_same_product_on_each_cpu_library():
     products = [step() for step in steps.values()]
     for p in products[1:]:
         torch.testing.assert_close(p, products[0], rtol=1e-4, atol=1e-4)
+
+
+# results/bench.csv's columns (a contract: README and benchmarks/README.md read them); new ones go at the end.
+BENCH_CSV_COLUMNS = ["time", "model", "impl", "mode", "batch", "precision", "compile", "isolate", "grad_checkpointing",
+                     "arch", "device", "device_name", "torch", "threads", "reps", "img_per_s", "img_per_s_min",
+                     "img_per_s_max", "spread", "vs_timm", "vs_reference", "peak_mem_mb", "mem_source", "gmacs_per_img",
+                     "achieved_gmacs_per_s", "gemm_size", "gemm_gmacs_per_s", "frac_of_gemm", "max_abs_diff_vs_ours",
+                     "tf32"]
+
+
+def test_the_committed_bench_csv_has_every_contract_column():
+    committed = pd.read_csv(Path(__file__).resolve().parent.parent / "results" / "bench.csv", nrows=0)
+    assert set(committed.columns) == set(BENCH_CSV_COLUMNS)
 
 
 def test_library_times_both_modes_and_reports_memory_and_gemm_fraction():
@@ -78,7 +93,7 @@ def test_cli_times_timm_with_our_weights_and_our_reference_path_and_appends_csv_
         assert (other.max_abs_diff_vs_ours <= 1e-5).all()               # all compute the same function
         assert ours[f"vs_{impl}"].tolist() == pytest.approx((ours.img_per_s.values / other.img_per_s.values).tolist(),
                                                             rel=0.01)
-    assert {"device_name", "torch", "batch", "precision", "compile", "threads"} <= set(df.columns)
+    assert df.columns.tolist() == BENCH_CSV_COLUMNS                     # the whole contract, in order
     assert "x timm" in result.output and "x ref" in result.output and "GEMM 64^3" in result.output
 
 

@@ -21,6 +21,7 @@ from tntcli.errors import EXIT_PREEMPTED, TntError
 from tntcli.results import atomic_write_text, locked
 
 from test_engine import TINY_ARCH
+from test_exactness import assert_same_run
 
 RECIPE = {
     "model": {"name": "tnt-ti", "img_size": 16, "drop_path": 0.1, "arch": TINY_ARCH},
@@ -43,10 +44,6 @@ def finish(proc: subprocess.Popen) -> int:
     _, err = proc.communicate(timeout=300)
     assert "Traceback" not in err, err
     return proc.returncode
-
-
-def comparable(run: Path) -> pd.DataFrame:
-    return pd.read_csv(run / "metrics.csv").drop(columns=["img_per_s", "seconds"])
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +86,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference_run, tm
     assert source.name in ("last.pt", "last.prev.pt")
     assert record["epoch"] < 3, "the kill landed after training had finished"
     assert finish(start_training(tmp_path, run, "resume")) == 0
-    pd.testing.assert_frame_equal(comparable(run), comparable(reference_run))
+    assert_same_run(run, reference_run, rng=False)          # bit-identical weights, EMA, optimiser, metrics
 
 
 @pytest.mark.slow
@@ -102,7 +99,7 @@ def test_preemption_signal_saves_exits_with_its_code_and_resumes(reference_run, 
     assert finish(proc) == EXIT_PREEMPTED
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert finish(start_training(tmp_path, run, "resume")) == 0
-    pd.testing.assert_frame_equal(comparable(run), comparable(reference_run))
+    assert_same_run(run, reference_run, rng=False)          # bit-identical weights, EMA, optimiser, metrics
 
 
 def test_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path):

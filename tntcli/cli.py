@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tntcli.errors import EXIT_PREEMPTED, Preempted, TntError
 
@@ -362,6 +363,10 @@ def main() -> None:
         sys.exit(EXIT_PREEMPTED)
     except typer.Exit as err:
         sys.exit(err.exit_code)
+    except OSError as err:                           # --out on a file or a read-only place, a full disk: the
+        what = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)   # system's words
+        err_console.print(f"[bold red]error:[/] {escape(what)}")
+        sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
         sys.exit(130)

@@ -8,6 +8,7 @@ mistyped key is an error that names it, never a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import yaml
 from tntcli.backends import BACKENDS
 from tntcli.errors import TntError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = importlib.resources.files("tntcli") / "recipes"   # shipped in the package: found from any folder
 AMP_SETTINGS = ("auto", "bf16", "fp16", "off")
 
 
@@ -93,7 +94,10 @@ class OptimSection:
     warmup_lr: float = setting(1e-6, "Learning rate at the start of the warmup.", flag("--warmup-lr"))
     min_lr: float = setting(1e-5, "Learning rate at the end of the cosine and during the cooldown.",
                             flag("--min-lr"))
-    cooldown_epochs: int = setting(10, "Last epochs held at optim.min_lr (counted inside train.epochs).")
+    cooldown_epochs: int = setting(10, "Last epochs held at optim.min_lr (counted inside train.epochs: the cosine "
+                                   "runs over train.epochs - cooldown_epochs, as timm's over --epochs).")
+    sched_on_updates: bool = setting(False, "False: the lr is set once per epoch (timm's default, the official "
+                                     "run); True: at every optimiser step (engine/schedule.py has the formula).")
     clip_grad: float | None = setting(None, "Clip the gradient norm to this value.", flag("--clip-grad"))
     layer_decay: float | None = setting(None, "Layer-wise lr decay, e.g. 0.75: block i gets lr*decay^(depth-i), "
                                         "the embeddings decay^(depth+1).", flag("--layer-decay"))
@@ -118,7 +122,8 @@ class AugmentSettings:
 
 @dataclass
 class TrainSection:
-    epochs: int = setting(300, "Epochs to train.", flag("--epochs", min=1))
+    epochs: int = setting(310, "Epochs to train, cooldown included (the paper's run: 300 under the cosine + 10).",
+                          flag("--epochs", min=1))
     seed: int = setting(0, "Random seed (data order, augmentation, initialisation).", flag("--seed"))
     ema_decay: float | None = setting(
         0.99996, "EMA of the weights with this decay; null or 0: no EMA model.",
@@ -192,14 +197,30 @@ def _plain(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def find_recipe(recipe: str) -> Path:
-    """A recipe path, or a name under recipes/ (`quickstart`, `tnt-s-imagenet`, `transfer/cifar10`)."""
-    candidates = [Path(recipe), RECIPE_DIR / recipe, RECIPE_DIR / f"{recipe}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    known = sorted(str(p.relative_to(RECIPE_DIR).with_suffix("")) for p in RECIPE_DIR.rglob("*.yaml"))
-    raise TntError(f"recipe '{recipe}' not found; give a YAML path or one of: {', '.join(known)}")
+def find_recipe(recipe: str):
+    """A recipe file: a path, else a name shipped with tnt (`quickstart`, `tnt-s-imagenet`, `transfer/cifar10`).
+
+    A name that is neither is an error listing the shipped names, never a fall-back to the defaults.
+    """
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    for name in (recipe, f"{recipe}.yaml"):
+        shipped = RECIPES.joinpath(*name.split("/"))
+        if shipped.is_file():
+            return shipped
+    raise TntError(f"recipe '{recipe}' not found; give a YAML path or one of: {', '.join(recipe_names())}")
+
+
+def recipe_names(folder=RECIPES, prefix: str = "") -> list[str]:
+    """Names of the shipped recipes, e.g. ['deit-b-imagenet', ..., 'transfer/cifar10', ...]."""
+    names = []
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            names += recipe_names(entry, f"{prefix}{entry.name}/")
+        elif entry.name.endswith(".yaml"):
+            names.append(prefix + entry.name.removesuffix(".yaml"))
+    return sorted(names)
 
 
 def load_recipe(recipe: str | None) -> dict[str, Any]:

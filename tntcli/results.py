@@ -60,6 +60,7 @@ def save_figure(fig, stem: str | os.PathLike) -> list[Path]:
 def plot_training_curves(histories: dict[str, list[dict]], stem: str | os.PathLike) -> list[Path]:
     """Train loss and val top-1 per epoch for one or more runs (label -> metrics rows)."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, rows in histories.items():
         df = pd.DataFrame(rows)
@@ -73,6 +74,7 @@ def plot_training_curves(histories: dict[str, list[dict]], stem: str | os.PathLi
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers: no 1.5 ticks
     try:
         return save_figure(fig, stem)
     finally:

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tntcli.config import RECIPE_DIR, RunConfig, build_config, load_recipe, run_model_config
+from tntcli.config import RECIPES, RunConfig, build_config, load_recipe, run_model_config
 from tntcli.data.sources import NAMED_DATASETS, list_class_folders, resolve_source
 from tntcli.errors import TntError
 from tntcli.models.weights import (OURS, guess_model_name, load_weights, read_checkpoint, to_ours,
@@ -31,14 +31,20 @@ _NOT_ARCH = ("img_size", "num_classes", "drop_path_rate")
 
 
 # ------------------------------------------------------------------------------------------------ config
-def default_recipe(data: str | None) -> str | None:
-    """`transfer/<name>` for the named datasets that have a recipe (cifar10, cifar100, flowers102, pets)."""
+def default_recipe(data: str | None) -> str:
+    """`transfer/<name>` for the named datasets that have one (cifar10, cifar100, flowers102, pets), else
+    `transfer/default` (short fine-tuning settings for any other data, never the ImageNet pre-training ones)."""
     name = (data or "").lower()
-    return f"transfer/{name}" if (RECIPE_DIR / "transfer" / f"{name}.yaml").is_file() else None
+    return f"transfer/{name}" if name and (RECIPES / "transfer" / f"{name}.yaml").is_file() else "transfer/default"
 
 
 def transfer_config(checkpoint: str | Path, *, recipe: str | None = None,
                     overrides: dict[str, Any] | None = None) -> RunConfig:
+    return _transfer_config(checkpoint, recipe, overrides)[0]
+
+
+def _transfer_config(checkpoint: str | Path, recipe: str | None,
+                     overrides: dict[str, Any] | None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     """The RunConfig of a fine-tuning run; raises TntError (before any data is read) when the inputs cannot work.
 
     The model is `--model`, else the one the checkpoint records (ours) or whose shapes it has (foreign), else the
@@ -67,7 +73,7 @@ def transfer_config(checkpoint: str | Path, *, recipe: str | None = None,
     cfg = build_config(recipe_dict, {**derived, **overrides, "model.pretrained": str(checkpoint)})
     check_fits(cfg, sd, source=f"checkpoint {checkpoint} ({fmt})")
     check_classes(cfg.data.data)
-    return cfg
+    return cfg, sd
 
 
 def check_fits(cfg: RunConfig, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -80,20 +86,34 @@ def check_fits(cfg: RunConfig, sd: dict[str, torch.Tensor], source: str) -> None
         load_weights(model, sd, name=cfg.model.name, reset_head=True, source=source)
 
 
-def check_classes(data: str | None) -> None:
-    """A classifier needs two classes; checked where that is cheap (class folders, .beton metadata)."""
-    if data is None or data.lower() in NAMED_DATASETS or data.lower() == "digits":
-        return
+NAMED_CLASSES = {"cifar10": 10, "cifar100": 100, "flowers102": 102, "pets": 37, "digits": 10}
+
+
+def data_classes(data: str | None) -> int | None:
+    """The number of classes of a dataset where that is cheap to know (named sets, class folders, .beton metadata)."""
+    if data is None:
+        return None
+    if data.lower() in NAMED_CLASSES:
+        return NAMED_CLASSES[data.lower()]
     if data.endswith(".beton"):
-        count = resolve_source(data).num_classes
-    else:
-        train = Path(data).expanduser() / "train"
-        if not train.is_dir():
-            return                                # the data layer names what is missing
-        count = len(list_class_folders(train))
-    if count < 2:
+        return resolve_source(data).num_classes
+    train = Path(data).expanduser() / "train"
+    return len(list_class_folders(train)) if train.is_dir() else None   # the data layer names what is missing
+
+
+def check_classes(data: str | None) -> None:
+    """A classifier needs two classes; checked where that is cheap."""
+    count = data_classes(data)
+    if count is not None and count < 2:
         raise TntError(f"--data {data} has {count} class{'' if count == 1 else 'es'}; "
                        "fine-tuning a classifier needs at least 2")
+
+
+def head_swap(sd: dict[str, torch.Tensor], data: str | None) -> str:
+    """The line saying that the checkpoint's classifier is replaced: `head: 1000 -> 3 classes (...)`."""
+    old = sd["head.weight"].shape[0] if "head.weight" in sd else "no"
+    new = data_classes(data)
+    return f"head: {old} -> {'the data' if new is None else new} classes (a new, randomly initialised head)"
 
 
 def dataset_label(data: str | None) -> str:
@@ -116,7 +136,9 @@ def run_transfer(checkpoint: str | Path | None, *, recipe: str | None = None, ov
         return train(resume_config(resume, overrides or {}), resume=resume, console=console)
     if checkpoint is None:
         raise TntError("--checkpoint is required: the pretrained weights to fine-tune (or --resume RUN / --table)")
-    cfg = transfer_config(checkpoint, recipe=recipe, overrides=overrides)
+    cfg, sd = _transfer_config(checkpoint, recipe, overrides)
+    if console is not None:
+        console.print(f"recipe: {recipe or default_recipe(cfg.data.data)}; {head_swap(sd, cfg.data.data)}")
     if out is None:
         img_size = run_model_config(cfg).img_size
         out = Path("runs") / f"transfer-{cfg.model.name}-{img_size}px-{dataset_label(cfg.data.data)}-" \
@@ -149,10 +171,14 @@ def _run_rows(runs_dir: Path) -> list[dict[str, Any]]:
         pretrained = (run["config"].get("model") or {}).get("pretrained")
         rows.append({"model": run["model"], "img_size": run["img_size"], "dataset": dataset_label(run["data"]),
                      "init": "/".join(Path(pretrained).parts[-2:]) if pretrained else "scratch",
-                     "ours_top1": run.get("final_top1"), "ours_best_top1": run.get("best_top1"),
+                     "ours_top1": _percent(run.get("final_top1")), "ours_best_top1": _percent(run.get("best_top1")),
                      "epochs": f"{run['epochs_done']}/{run['epochs']}", "status": run["status"],
                      "run": str(Path(run["run_dir"]).relative_to(runs_dir))})
     return rows
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def transfer_table(runs_dir: str | Path) -> pd.DataFrame:

@@ -33,6 +33,7 @@ _ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
 }
 _STALE_LOCK_SECONDS = 600           # a build takes 35-45 s on 2 cores
+_LINK_SETTLE_SECONDS = 30
 _state: bool | None = None          # None: not tried yet
 
 
@@ -85,7 +86,7 @@ def _build() -> None:
     name = f"tnt_tiny_attention_{capability.lower()}_{key}"
     build_dir = _build_root() / name
     library = build_dir / f"{name}.so"
-    if library.is_file() and not _build_in_progress(build_dir / "lock"):
+    if library.is_file() and not _build_in_progress(build_dir / "lock", library):
         torch.ops.load_library(str(library))
     else:
         from torch.utils.cpp_extension import load_inline
@@ -99,12 +100,15 @@ def _build() -> None:
     _register()
 
 
-def _build_in_progress(lock: Path) -> bool:
+def _build_in_progress(lock: Path, library: Path) -> bool:
     """cpp_extension holds `lock` while it builds; a build killed midway leaves it behind for good, which would send
-    every later process through cpp_extension's slow path. A lock older than any build (minutes) is stale."""
+    every later process through cpp_extension's slow path. The lock is stale once the library was linked a while
+    ago (the builder removes it right after linking), or when it is older than any build."""
     if not lock.exists():
         return False
-    if time.time() - lock.stat().st_mtime < _STALE_LOCK_SECONDS:
+    now = time.time()
+    linked_long_ago = library.is_file() and now - library.stat().st_mtime > _LINK_SETTLE_SECONDS
+    if not linked_long_ago and now - lock.stat().st_mtime < _STALE_LOCK_SECONDS:
         return True
     lock.unlink(missing_ok=True)
     return False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import shutil
 import signal
 import time
@@ -32,6 +31,7 @@ from tntcli.engine.evaluate import evaluate
 from tntcli.engine.progress import Reporter
 from tntcli.engine.runtime import amp_dtype, autocast, count_gmacs, device_name
 from tntcli.engine.step import ModelEma, TrainStep, adamw
+from tntcli.engine.schedule import build_scheduler
 from tntcli.errors import Preempted, TntError
 from tntcli.models.weights import load_pretrained, model_record
 from tntcli.models.registry import build_model, get_spec
@@ -96,26 +96,6 @@ def _layer_index(name: str, depth: int) -> int:
     return depth + 1 if name.startswith(("norm.", "head.")) else 0
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, lr: float, steps_per_epoch: int):
-    """Per-step schedule: linear warmup from warmup_lr, cosine to min_lr, then min_lr for the cooldown epochs.
-
-    One multiplier for every param group (a LambdaLR), so groups keep their lr ratios under layer-wise decay
-    or a scaled backbone lr; torch's chained Cosine/ConstantLR would pull every group to the same min_lr.
-    """
-    o, total = cfg.optim, cfg.train.epochs * steps_per_epoch
-    warm = min(o.warmup_epochs * steps_per_epoch, total - 1)
-    cool = min(o.cooldown_epochs * steps_per_epoch, total - warm - 1)
-    cosine = total - warm - cool
-    start, floor = min(1.0, o.warmup_lr / lr), min(1.0, o.min_lr / lr)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return start + (1 - start) * step / warm
-        if step < warm + cosine:
-            return floor + (1 - floor) * (1 + math.cos(math.pi * (step - warm) / cosine)) / 2
-        return floor
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # ----------------------------------------------------------------------------------------------- signals

@@ -4,7 +4,7 @@
 // pass per pair reads q, k and v straight from the fused qkv rows, keeps everything in registers and L1, and
 // writes the heads' output (backward: the qkv gradient) in the layout the next linear reads.
 //
-// Built at run time by tntcli/models/kernels.py, which prepends TNT_TINY_SHAPES, the (words, head dim) pairs
+// Built at run time by tntcli/backends/kernels.py, which prepends TNT_TINY_SHAPES, the (words, head dim) pairs
 // compiled. Scores are held transposed, st[key][query], so the softmax vectorises over the queries. Backward
 // recomputes the probabilities from the per-query max and 1/sum that the forward saves (2 floats a query, not
 // the 16 x 16 probabilities).
