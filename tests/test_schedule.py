@@ -125,3 +125,24 @@ def lr_table(cfg=None) -> str:
 
 if __name__ == "__main__":
     print(lr_table())
+
+
+def test_metrics_record_the_lr_each_epoch_trained_at(tmp_path):
+    """With the lr set once per epoch, the `lr` column is that epoch's rate (not the next epoch's, which the
+    scheduler has already switched to after the epoch's last step)."""
+    import pandas as pd
+
+    from tntcli.config import build_config
+    from tntcli.engine.schedule import lr_factor, schedule_epochs
+    from tntcli.engine.train import train
+
+    cfg = build_config(None, {"model.name": "tnt-ti", "model.img_size": 16, "data.data": "digits",
+                              "model.arch": {"depth": 1, "patch_size": 8, "dim": 24, "heads": 2, "word_dim": 8,
+                                             "inner_heads": 2},
+                              "data.batch_size": 32, "data.workers": 0, "data.max_train_images": 64,
+                              "train.epochs": 4, "train.ema_decay": None, "optim.warmup_epochs": 2,
+                              "optim.cooldown_epochs": 1, "optim.lr": 1e-3, "optim.lr_ref_batch": 32})
+    train(cfg, out=tmp_path / "run")
+    warmup, cosine = schedule_epochs(cfg)
+    want = [1e-3 * lr_factor(e, warmup=warmup, cosine=cosine, start=1e-6 / 1e-3, floor=1e-5 / 1e-3) for e in range(4)]
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv").lr.tolist() == pytest.approx(want, rel=1e-12)

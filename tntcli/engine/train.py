@@ -351,6 +351,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
     seen, logged = done["seen"], (done["loss_sum"], done["steps"])
     t0 = time.perf_counter() - done["seconds"]
     every, log_every = cfg.train.checkpoint_every_steps, cfg.train.log_every
+    lr = run.opt.param_groups[0]["lr"]
 
     def progress() -> dict[str, float]:
         loss_sum, steps, _, _ = check(run, tally, epoch)
@@ -361,6 +362,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
             if step < run.skip_steps:                   # resumed mid-epoch: these batches were trained on
                 continue
             images, targets = loaders.batch_augment(images, labels)
+            lr = run.opt.param_groups[0]["lr"]          # the rate this step uses (the scheduler steps after it)
             loss, finite = run.step(images, targets)
             tally.add(loss, finite, step)
             seen += images.shape[0] * env.world_size
@@ -376,7 +378,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
                 if steps > logged[1]:
                     stats["loss"] = (loss_sum - logged[0]) / (steps - logged[1])   # mean since the last log
                 logged = (loss_sum, steps)
-                stats["lr"] = run.opt.param_groups[0]["lr"]
+                stats["lr"] = lr
             bar.update(**stats)
             if stopping or save_now:
                 save_checkpoint(run, epoch, step + 1, progress())
@@ -388,7 +390,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     loss_sum, steps, _, _ = check(run, tally, epoch)
     loss_sum, steps = distributed.all_reduce_sum([loss_sum, steps], env)
-    return {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"], "train_loss": loss_sum / max(steps, 1),
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(steps, 1),
             "img_per_s": seen / seconds, "seconds": seconds, "val_loss": None, "val_top1": None, "val_top5": None,
             "ema_top1": None}
 
