@@ -44,7 +44,7 @@ BENCH_CSV_COLUMNS = ["time", "model", "impl", "mode", "batch", "precision", "com
                      "arch", "device", "device_name", "torch", "threads", "reps", "img_per_s", "img_per_s_min",
                      "img_per_s_max", "spread", "vs_timm", "vs_reference", "peak_mem_mb", "mem_source", "gmacs_per_img",
                      "achieved_gmacs_per_s", "gemm_size", "gemm_gmacs_per_s", "frac_of_gemm", "max_abs_diff_vs_ours",
-                     "tf32"]
+                     "tf32", "drop_path"]
 
 
 def test_the_committed_bench_csv_has_every_contract_column():
@@ -69,7 +69,8 @@ def test_library_times_both_modes_and_reports_memory_and_gemm_fraction():
 def test_records_state_tf32_and_size_the_gemm_for_the_device():
     (record,) = bench.run_bench(options(gemm_size=None, modes=("infer",)))
     assert record["gemm_size"] == bench.GEMM_SIZES["cpu"] and record["tf32"] == "n/a"
-    assert list(record)[-1] == "tf32"                                   # new columns go at the end
+    assert list(record)[-2:] == ["tf32", "drop_path"]                   # new columns go at the end
+    assert record["drop_path"] == 0.1                                   # the paper recipe's, unless told
 
 
 @pytest.mark.slow                                                       # the profiler's first start costs ~20 s

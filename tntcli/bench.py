@@ -394,7 +394,7 @@ def _record(c: Contestant, mode: str, seconds: list[float], peak: float | None, 
         "gemm_size": opts.gemm_size, "gemm_gmacs_per_s": float(f"{gemm_gmacs:.4g}"),
         "frac_of_gemm": None if achieved is None else float(f"{achieved / gemm_gmacs:.4g}"),
         "max_abs_diff_vs_ours": c.max_abs_diff,
-        "tf32": tf32_state(device),
+        "tf32": tf32_state(device), "drop_path": opts.drop_path,
     }
 
 

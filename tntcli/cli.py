@@ -324,6 +324,8 @@ def bench_(
     vs: List[str] = typer.Option([], "--vs", help="'timm': also time timm's model with our weights; 'reference': "
                                  "also time our model with its fast paths off. Repeatable."),
     grad_ckpt: bool = typer.Option(False, "--grad-checkpointing", help="Activation checkpointing in training."),
+    drop_path: float = typer.Option(0.1, "--drop-path", min=0.0, max=0.99, help="Stochastic depth of every "
+                                    "contestant (the paper recipe's 0.1: what training compiles under)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory of one extra step."),
     isolate: bool = typer.Option(False, "--isolate", help="Time every repetition in a fresh process per contestant "
                                  "(still alternating), so contestants do not share an allocator; slower."),
@@ -342,7 +344,7 @@ def bench_(
                               modes=bench.MODES if mode == "both" else (mode,), compile=compile_, threads=threads,
                               reps=reps, warmup=warmup, device=device, vs_timm="timm" in vs,
                               vs_reference="reference" in vs,
-                              grad_checkpointing=grad_ckpt, measure_memory=memory, isolate=isolate,
+                              grad_checkpointing=grad_ckpt, drop_path=drop_path, measure_memory=memory, isolate=isolate,
                               gemm_size=gemm_size,
                               arch={} if depth is None else {"depth": depth})
     records = bench.run_bench(opts, console=console)
