@@ -55,7 +55,7 @@ def test_no_augmentation_passes_labels_through(image_folder):
     images, labels = next(iter(lds.train))
     out, targets = lds.batch_augment(images, labels)
     assert out is images and targets is labels
-    off = BatchAugment(AugmentSettings(mixup=0, cutmix=0), 3, mean=(0.5,) * 3, std=(0.5,) * 3, per_sample=False)
+    off = BatchAugment(AugmentSettings(mixup=0, cutmix=0), 3)
     assert off(images, labels)[1] is labels
 
 
@@ -228,7 +228,7 @@ def test_named_dataset_download_failure_names_the_path(tmp_path, monkeypatch):
 
 
 def test_beton_without_ffcv_says_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr("tntcli.data.ffcv.ffcv_available", lambda: False)
+    monkeypatch.setattr("tntcli.data.beton.ffcv_available", lambda: False)
     with pytest.raises(TntError, match="make ffcv"):
         resolve_source(str(tmp_path / "x.beton"))
 

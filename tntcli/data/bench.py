@@ -41,7 +41,7 @@ def bench_augment(rand_augment: bool) -> AugmentSettings:
 def ensure_beton(data: str, cache_dir: Path, *, data_root: str | None, workers: int) -> Path:
     """The `.beton` pair for `data` in `cache_dir`, written (jpg mode, quality 90) on first use."""
     from tntcli.data.ffcv import write_beton
-    from tntcli.data.sources import beton_pair
+    from tntcli.data.beton import beton_pair
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     name = Path(data.rstrip("/")).name or "data"

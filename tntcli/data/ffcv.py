@@ -6,14 +6,15 @@ splits (a train/val folder, a named dataset, digits) or `out/x.beton` for a plai
 each with a `<file>.json` sidecar holding the class names. Writes are atomic: a temp file in the same
 folder, renamed at the end, removed on any failure.
 
-Loaders (see `ffcv_loaders`): decoding, crop, flip and normalisation run in FFCV's compiled (numba)
-pipeline, all compiled ops first (on CPU, compiled -> plain -> compiled hangs in `Loader.__init__`). The
+Loaders (see `ffcv_loaders`): decoding, crop and flip run in FFCV's compiled (numba) pipeline into uint8
+batches; RandAugment, normalisation and erasing then run batched on the batch's device (`ImagePipeline`). The
 `Loader` objects live as long as `Loaders` (re-creating them leaks memory, ffcv issues 345/393). An epoch
 cut short is stopped with `stop_epoch_iterator`, which lets FFCV's worker thread finish: leaving it running
 makes the process abort at exit (code 134) in a good share of runs.
 
 Determinism: the order is a pure function of (seed, epoch, rank); the crop/flip draws come from numba's
-per-thread generators and are not reproducible. `batch_augment` (MixUp/CutMix/RandAugment/erasing) is.
+per-thread generators and are not reproducible; the `ImagePipeline` (RandAugment/erasing) and `batch_augment`
+(MixUp/CutMix) draws are, from (seed, epoch, rank, step).
 """
 from __future__ import annotations
 
@@ -29,50 +30,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tntcli.data.augment import IMAGE_STREAM, ImagePipeline, mix_seed
+from tntcli.data.beton import beton_pair, reader, require_ffcv, sidecar_path
 from tntcli.errors import TntError
 
-INSTALL_HINT = ("the ffcv extra is not installed: run `make ffcv` (apt-get install pkg-config libturbojpeg0-dev "
-                "libopencv-dev, then pip install ffcv)")
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 _STOP_TIMEOUT_S = 60.0
-
-
-def ffcv_available() -> bool:
-    try:
-        import ffcv  # noqa: F401
-        from ffcv.loader import Loader  # noqa: F401  (imports numba + the compiled extension)
-    except Exception:  # ImportError, or a broken native build
-        return False
-    return True
-
-
-def require_ffcv() -> None:
-    if not ffcv_available():
-        raise TntError(INSTALL_HINT)
-
-
-# ------------------------------------------------------------------------------------------ metadata
-def sidecar_path(beton: Path) -> Path:
-    return beton.with_name(beton.name + ".json")
-
-
-def beton_classes(beton: Path) -> list[str]:
-    """Class names from the sidecar, else "0".."K-1" from the labels stored in the file."""
-    sidecar = sidecar_path(beton)
-    if sidecar.is_file():
-        return list(json.loads(sidecar.read_text())["classes"])
-    reader = _reader(beton)
-    labels = reader.metadata["label"] if "label" in reader.field_names else np.zeros(1, dtype=np.int64)
-    return [str(i) for i in range(int(labels.max()) + 1)]
-
-
-def _reader(beton: Path):
-    from ffcv.reader import Reader
-
-    try:
-        return Reader(str(beton))
-    except Exception as err:
-        raise TntError(f"{beton} is not a readable .beton file ({type(err).__name__}: {err})") from None
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -83,8 +46,6 @@ def write_beton(src: str, out: str | os.PathLike, *, max_resolution: int | None 
 
     Defaults follow ffcv-imagenet except `max_resolution` (they used 500 for ImageNet; None keeps sizes).
     """
-    from tntcli.data.sources import beton_pair
-
     out = Path(out).expanduser()
     if out.suffix != ".beton":
         raise TntError(f"output {out} must end with .beton")
@@ -277,21 +238,21 @@ def _next_batch(iterator):
 class FfcvLoader:
     """One FFCV `Loader`, reused every epoch. Batches are `(float32 NCHW normalised, int64)` on `device`.
 
-    On CPU the images are channels-last views of FFCV's reused buffers: use (or copy) a batch before fetching
-    a few more. On GPU the uint8 batch is moved first and normalised there.
+    FFCV decodes, crops and flips into uint8 (B, H, W, 3) buffers (on CUDA: copied to the GPU as uint8);
+    `pipeline` (an `ImagePipeline`: RandAugment + normalisation + erasing, or normalisation alone) then runs
+    on the whole batch on `device`, its draws seeded from (seed, epoch, rank, step).
     """
 
-    def __init__(self, loader, device: torch.device, mean: Sequence[float], std: Sequence[float]):
-        self.loader, self.device = loader, device
-        self.gpu_normalize = device.type == "cuda"
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+    def __init__(self, loader, device: torch.device, pipeline, *, seed: int = 0, rank: int = 0):
+        self.loader, self.device, self.pipeline = loader, device, pipeline
+        self.seed, self.rank, self.epoch_index = seed, rank, 0
         self._live = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch_index = epoch
         self.loader.next_epoch = epoch  # FFCV orders by (seed + epoch), or DistributedSampler.set_epoch
 
     def __iter__(self):
@@ -311,16 +272,12 @@ class FfcvLoader:
                     finished = True
                     break
                 images, labels = batch
-                yield self._finish(images), labels
+                seed = mix_seed(self.seed, self.epoch_index, self.rank, step, IMAGE_STREAM)
+                yield self.pipeline(images, seed), labels   # reads FFCV's reused buffer, returns a new tensor
         finally:
             if not finished:
                 stop_epoch_iterator(iterator)
             self._live = None
-
-    def _finish(self, images: torch.Tensor) -> torch.Tensor:
-        if self.gpu_normalize:
-            return (images.float() - self.mean) / self.std
-        return images
 
     def close(self) -> None:
         if self._live is not None:
@@ -328,13 +285,14 @@ class FfcvLoader:
             self._live = None
 
 
-def _image_pipeline(decoder, ops: list, device: torch.device, mean, std) -> list:
-    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+def _image_pipeline(decoder, ops: list, device: torch.device) -> list:
+    """FFCV's compiled decode/crop/flip first, then plain ops (on CPU, compiled -> plain -> compiled hangs);
+    uint8 NCHW out (a channels-last view of FFCV's buffer), on `device`."""
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-    if device.type == "cuda":  # uint8 over the bus, normalised on the GPU by FfcvLoader
+    if device.type == "cuda":
         return [decoder, *ops, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
-    normalize = NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32)
-    return [decoder, *ops, normalize, ToTensor(), ToTorchImage()]  # compiled ops first, then plain ones
+    return [decoder, *ops, ToTensor(), ToTorchImage()]
 
 
 def _label_pipeline(device: torch.device) -> list:
@@ -373,17 +331,17 @@ def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, 
 
     world, rank = world_and_rank(distributed)
     size = (img_size, img_size)
-    n_train, n_val = int(_reader(source.train_path).num_samples), int(_reader(source.val_path).num_samples)
+    n_train, n_val = int(reader(source.train_path).num_samples), int(reader(source.val_path).num_samples)
 
     def center_crop():
         return CenterCropRGBImageDecoder(size, ratio=crop_pct)
 
     if aug is None:
-        train_image = _image_pipeline(center_crop(), [], device, mean, std)
+        train_image = _image_pipeline(center_crop(), [], device)
     else:
         flip = [RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else []
         train_image = _image_pipeline(RandomResizedCropRGBImageDecoder(size, scale=tuple(aug.scale)), flip,
-                                      device, mean, std)
+                                      device)
     train_indices = None
     if max_train_images is not None and max_train_images < n_train:
         train_indices = np.sort(np.random.default_rng(seed).permutation(n_train)[:max_train_images])
@@ -397,6 +355,7 @@ def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, 
         train.first_traversal_order = train.next_traversal_order()
     val = Loader(str(source.val_path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
                  indices=np.arange(rank, n_val, world), drop_last=False,
-                 pipelines={"image": _image_pipeline(center_crop(), [], device, mean, std),
+                 pipelines={"image": _image_pipeline(center_crop(), [], device),
                             "label": _label_pipeline(device)})
-    return (FfcvLoader(train, device, mean, std), FfcvLoader(val, device, mean, std), n_train, n_val)
+    return (FfcvLoader(train, device, ImagePipeline(aug, mean=mean, std=std), seed=seed, rank=rank),
+            FfcvLoader(val, device, ImagePipeline(None, mean=mean, std=std)), n_train, n_val)

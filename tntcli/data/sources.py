@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from tntcli.data.beton import beton_classes, beton_pair, require_ffcv
 from tntcli.errors import TntError
 
 NAMED_DATASETS = ("cifar10", "cifar100", "flowers102", "pets")
@@ -330,16 +331,7 @@ def torchvision_source(name: str, root: str) -> DataSource:
 
 
 # ------------------------------------------------------------------------------------------------- ffcv
-def beton_pair(path: str | os.PathLike) -> tuple[Path, Path]:
-    """`X.beton` -> (`X-train.beton`, `X-val.beton`)."""
-    p = Path(path)
-    stem = p.name[: -len(".beton")]
-    return p.with_name(f"{stem}-train.beton"), p.with_name(f"{stem}-val.beton")
-
-
 def _beton_source(data: str) -> DataSource:
-    from tntcli.data.ffcv import beton_classes, require_ffcv
-
     require_ffcv()
     single = Path(data).expanduser()
     train, val = beton_pair(single)
