@@ -466,8 +466,9 @@ def affine(images: Tensor, matrix: Tensor, *, mode: str, fill: Tensor, grid: Ten
     inside = ((sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)).unsqueeze(1)
     if mode == "nearest":                 # PIL takes floor(source); sample at that pixel's centre
         src = torch.floor(src) + 0.5
-    scale = torch.tensor([2.0 / w, 2.0 / h], dtype=torch.float32, device=images.device)
-    sampled = F.grid_sample(images.to(torch.float32), src * scale - 1.0, mode=mode, padding_mode="border",
+    sx, sy = src.unbind(-1)
+    normalised = torch.stack([sx * (2.0 / w) - 1.0, sy * (2.0 / h) - 1.0], dim=-1)   # grid_sample's [-1, 1]
+    sampled = F.grid_sample(images.to(torch.float32), normalised, mode=mode, padding_mode="border",
                             align_corners=False)
     out = torch.where(inside, sampled, fill)
     return out.clamp_(0, 255).trunc_().to(torch.uint8)
