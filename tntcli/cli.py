@@ -277,15 +277,21 @@ def data_bench(
     repeats: int = typer.Option(3, "--repeats", help="Alternating timed rounds per loader."),
     epochs: int = typer.Option(1, "--epochs", help="Epochs per timed round."),
     rand_augment: bool = typer.Option(False, "--rand-augment/--no-rand-augment", help="RandAugment in both."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Use this recipe's full train augmentation "
+                                         "(e.g. tnt-s-imagenet: RandAugment, erasing, MixUp/CutMix)."),
+    device: str = typer.Option("cpu", "--device", help="Where batches go and are augmented: cpu, cuda, cuda:N."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Folder for the .beton (default: a temp folder)."),
     data_root: Optional[str] = typer.Option(None, "--data-root"),
+    results: Path = typer.Option(Path("results"), "--results", help="Folder for data_bench.csv."),
 ):
     """images/s of the FFCV train loader vs the torchvision DataLoader on the same images."""
     from tntcli.data import bench
 
     result = bench.run_bench(data, data_root=data_root, img_size=img_size, batch_size=batch_size, workers=workers,
-                             repeats=repeats, epochs=epochs, rand_augment=rand_augment, cache_dir=cache)
+                             repeats=repeats, epochs=epochs, rand_augment=rand_augment, recipe=recipe,
+                             device=device, cache_dir=cache)
     bench.print_result(result, console)
+    console.print(f"appended {len(result.images_per_s)} rows to {bench.append_csv(result, results)}")
 
 
 # ----------------------------------------------------------------------------------------------- bench

@@ -134,7 +134,8 @@ class RandomErasing:
         inside_cols = (cols >= left.view(b, 1)) & (cols < (left + box_w).view(b, 1))   # (B, W)
         return erase, (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, images: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
+        """images (B, C, H, W) float -> erased images (`inplace`: written into `images` where possible)."""
         if self.probability <= 0 or images.shape[0] == 0:
             return images
         erase, box = self.boxes(images.shape, generator)
@@ -145,7 +146,8 @@ class RandomErasing:
                 return images
             chosen = images.index_select(0, index)
             noise = torch.randn(chosen.shape, generator=generator, device=images.device, dtype=images.dtype)
-            return images.index_copy(0, index, torch.where(box.index_select(0, index), noise, chosen))
+            out = images if inplace else images.clone()
+            return out.index_copy_(0, index, torch.where(box.index_select(0, index), noise, chosen))
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         return torch.where(box & erase.view(-1, 1, 1, 1), noise, images)
 
@@ -188,7 +190,7 @@ class ImagePipeline:
             images = self.rand_augment(images, generator)
         out = self.normalize(images)
         if self.erasing is not None:
-            out = self.erasing(out, generator)
+            out = self.erasing(out, generator, inplace=True)
         return out
 
     def normalize(self, images: Tensor) -> Tensor:
@@ -199,7 +201,7 @@ class ImagePipeline:
             inv_std = 1.0 / (torch.tensor(self.std, dtype=torch.float32, device=key).view(1, -1, 1, 1) * 255)
             self._scale[key] = (mean, inv_std)
         mean, inv_std = self._scale[key]
-        return (images.to(torch.float32) - mean).mul_(inv_std)
+        return images.to(torch.float32).sub_(mean).mul_(inv_std)
 
 
 # ------------------------------------------------------------------------------------------ mixup / cutmix
@@ -243,7 +245,7 @@ class MixupCutmix:
         d = self.draw(images.shape, generator)
         lam = d["lam"].to(images.dtype)
         weight = torch.where(d["use_cutmix"], (~d["box"]).to(images.dtype), lam)  # share of the image itself
-        mixed = images * weight + images.flip(0) * (1 - weight)
+        mixed = torch.lerp(images.flip(0), images, weight)   # exact at weights 0 and 1 (CutMix)
         one_hot = torch.zeros(labels.shape[0], self.num_classes, device=labels.device, dtype=torch.float32)
         one_hot.scatter_(1, labels.view(-1, 1), 1.0)
         lam = d["lam"].to(torch.float32)

@@ -170,12 +170,12 @@ def smooth(images: Tensor) -> Tensor:
     n, c, h, w = images.shape
     if h < 3 or w < 3:
         return images
-    x = images.to(torch.float32).reshape(n * c, 1, h, w)
-    kernel = torch.ones(1, 1, 3, 3, dtype=torch.float32, device=images.device)
-    kernel[0, 0, 1, 1] = 5.0
-    inner = (F.conv2d(x, kernel) / 13.0).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+    x = images.to(torch.float32)
+    # 3x3 sum (exact integers) + 4 x centre; S / 13 is never k + 0.5, so rounding needs no care
+    total = F.avg_pool2d(x, 3, stride=1, divisor_override=1).add_(x[:, :, 1:-1, 1:-1], alpha=4.0)
+    inner = total.div_(13.0).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
     out = images.clone()
-    out[:, :, 1:-1, 1:-1] = inner.view(n, c, h - 2, w - 2)
+    out[:, :, 1:-1, 1:-1] = inner
     return out
 
 
@@ -277,7 +277,8 @@ class RandAugment:
 
     def apply(self, images: Tensor, draws: dict[str, Tensor]) -> Tensor:
         """Apply given draws (from `draw`): op slot after op slot, each image its own op."""
-        x = images.contiguous()  # no op writes in place: the caller's (possibly reused) buffer stays intact
+        # a copy of ours to update in place: the caller's (possibly reused FFCV) buffer stays intact
+        x = images.clone(memory_format=torch.contiguous_format)
         for slot in range(draws["op"].shape[1]):
             x = self.apply_ops(x, draws["op"][:, slot].masked_fill(~draws["applied"][:, slot], -1),
                                draws["magnitude"][:, slot], draws["negate"][:, slot], draws["bicubic"][:, slot])
@@ -307,12 +308,13 @@ class RandAugment:
 
     def _rows(self, mask: Tensor, fn: Callable[..., Tensor], x: Tensor, *params: Tensor) -> Tensor:
         """x with its rows where `mask` holds replaced by fn(those rows, their params). Grouped: fn sees only
-        those rows; otherwise fn sees every row and `torch.where` keeps the others (no host sync)."""
+        those rows, written back into x in place; otherwise fn sees every row and `torch.where` keeps the
+        others in a new tensor (no host sync)."""
         if self._is_grouped(x.device):
             index = mask.nonzero().flatten()
             if index.numel() == 0:
                 return x
-            return x.index_copy(0, index, fn(x.index_select(0, index), *(p.index_select(0, index) for p in params)))
+            return x.index_copy_(0, index, fn(x.index_select(0, index), *(p.index_select(0, index) for p in params)))
         return torch.where(mask.view(-1, *[1] * (x.dim() - 1)), fn(x, *params), x)
 
     def _op_ids(self, device: torch.device) -> dict:
