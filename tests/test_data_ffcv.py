@@ -131,3 +131,36 @@ def test_write_errors(tmp_path, written):
         write_beton(str(written[0]), tmp_path / "x.ffcv")
     with pytest.raises(TntError, match="neither"):
         resolve_source(str(tmp_path / "absent.beton"))
+
+
+def test_existing_beton_is_refused_unless_overwrite(tmp_path, written):
+    from tntcli.data.ffcv import write_beton
+
+    (out,) = write_beton(str(written[0] / "val"), tmp_path / "v.beton", num_workers=1, progress=False)
+    before = out.stat().st_mtime_ns
+    with pytest.raises(TntError, match="--overwrite"):
+        write_beton(str(written[0] / "val"), out, num_workers=1, progress=False)
+    assert out.stat().st_mtime_ns == before
+    write_beton(str(written[0] / "val"), out, num_workers=1, progress=False, overwrite=True)
+    assert out.stat().st_mtime_ns != before
+
+
+def test_a_photo_too_large_for_a_page_names_the_flag_and_the_default_fits(tmp_path):
+    """A raw 1800x1700 photo (9.2 MB) overflows ffcv's 8 MiB page; the ffcv-imagenet default (500 px) fits."""
+    import numpy as np
+    from PIL import Image
+
+    from tntcli.data.ffcv import page_size_for, write_beton
+
+    folder = tmp_path / "big" / "cls"
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (1700, 1800, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "0.png")
+    with pytest.raises(TntError, match="--max-resolution"):
+        write_beton(str(tmp_path / "big"), tmp_path / "raw.beton", max_resolution=0, write_mode="raw",
+                    num_workers=1, progress=False)
+    assert not (tmp_path / "raw.beton").exists()
+    (out,) = write_beton(str(tmp_path / "big"), tmp_path / "small.beton", write_mode="raw", num_workers=1,
+                         progress=False)
+    assert out.is_file()
+    assert page_size_for(500) == 1 << 23 and page_size_for(2000) == 1 << 24 and page_size_for(0) == 1 << 23

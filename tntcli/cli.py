@@ -251,20 +251,22 @@ app.add_typer(data_app, name="data")
 def data_write(
     src: str = typer.Argument(..., help="Image folder (train/ + val/, or <class>/<image>), cifar10..., digits."),
     out: Path = typer.Argument(..., help="X.beton: writes X-train.beton + X-val.beton (or X.beton for one split)."),
-    max_resolution: Optional[int] = typer.Option(None, "--max-resolution", help="Longest side kept (ImageNet: 500)."),
+    max_resolution: int = typer.Option(500, "--max-resolution", min=0,
+                                       help="Longest side stored, as ffcv-imagenet (0: keep sizes)."),
     jpeg_quality: int = typer.Option(90, "--jpeg-quality"),
     compress_probability: float = typer.Option(0.5, "--compress-probability", help="JPEG share (proportion mode)."),
     write_mode: str = typer.Option("proportion", "--write-mode", help="proportion, jpg, raw or smart."),
     workers: int = typer.Option(2, "--workers"),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where named datasets live (./data)."),
     strict: bool = typer.Option(False, "--strict", help="Unreadable images are an error, not a skip."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing .beton files."),
 ):
     """Write an image dataset to FFCV .beton files (atomic; needs the ffcv extra)."""
     from tntcli.data.ffcv import write_beton
 
     for path in write_beton(src, out, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                             compress_probability=compress_probability, write_mode=write_mode,
-                            num_workers=workers, data_root=data_root, strict=strict):
+                            num_workers=workers, data_root=data_root, strict=strict, overwrite=overwrite):
         console.print(f"wrote {path}")
 
 

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -35,36 +36,56 @@ from tntcli.data.beton import beton_pair, reader, require_ffcv, sidecar_path
 from tntcli.errors import TntError
 
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
+DEFAULT_MAX_RESOLUTION = 500   # ffcv-imagenet's longest side for ImageNet
+DEFAULT_PAGE_SIZE = 1 << 23    # ffcv's DatasetWriter default (8 MiB)
+_PAGE_OVERFLOW = re.compile(r"Tried allocating (\d+) but page size is (\d+)")
 _STOP_TIMEOUT_S = 60.0
 
 
 # ------------------------------------------------------------------------------------------- writing
-def write_beton(src: str, out: str | os.PathLike, *, max_resolution: int | None = None, jpeg_quality: int = 90,
-                compress_probability: float = 0.5, write_mode: str = "proportion", num_workers: int | None = None,
-                progress: bool = True, data_root: str | None = None, strict: bool = False) -> list[Path]:
+def write_beton(src: str, out: str | os.PathLike, *, max_resolution: int | None = DEFAULT_MAX_RESOLUTION,
+                jpeg_quality: int = 90, compress_probability: float = 0.5, write_mode: str = "proportion",
+                num_workers: int | None = None, progress: bool = True, data_root: str | None = None,
+                strict: bool = False, overwrite: bool = False) -> list[Path]:
     """Write `src` (ImageFolder root, class-folder root, named dataset or digits) to .beton; return the files.
 
-    Defaults follow ffcv-imagenet except `max_resolution` (they used 500 for ImageNet; None keeps sizes).
+    Defaults follow ffcv-imagenet: longest side at most 500 px (`max_resolution`; None or 0 keeps sizes),
+    proportion mode with half the images JPEG-compressed at quality 90. The page size is chosen so that the
+    largest raw image fits (`page_size_for`). Existing files are refused unless `overwrite`.
     """
     out = Path(out).expanduser()
     if out.suffix != ".beton":
         raise TntError(f"output {out} must end with .beton")
     if write_mode not in WRITE_MODES:
         raise TntError(f"write_mode {write_mode!r}: expected one of {', '.join(WRITE_MODES)}")
+    if max_resolution is not None and max_resolution < 0:
+        raise TntError(f"--max-resolution {max_resolution}: give a longest side in pixels, or 0 to keep sizes")
     splits = _source_splits(src, data_root, strict)  # user mistakes first: importing ffcv takes seconds
+    targets = beton_pair(out) if len(splits) == 2 else (out,)
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise TntError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
     require_ffcv()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TntError(f"cannot create output folder {out.parent}: {err.strerror}") from None
-    targets = beton_pair(out) if len(splits) == 2 else (out,)
     written = []
     for (_, dataset, classes), path in zip(splits, targets):
-        fields = _fields(write_mode, max_resolution, jpeg_quality, compress_probability)
+        fields = _fields(write_mode, max_resolution or None, jpeg_quality, compress_probability)
         _write_atomic(dataset, classes, path, fields, num_workers or os.cpu_count() or 1,
-                      label=path.name if progress else None)
+                      label=path.name if progress else None, page_size=page_size_for(max_resolution))
         written.append(path)
     return written
+
+
+def page_size_for(max_resolution: int | None) -> int:
+    """FFCV's page size (a power of two, >= its 8 MiB default) that holds a raw RGB image of
+    `max_resolution` x `max_resolution`; the default when sizes are kept (None/0)."""
+    if not max_resolution:
+        return DEFAULT_PAGE_SIZE
+    need = max_resolution * max_resolution * 3 + (1 << 16)   # + room for the sample's own header
+    return max(DEFAULT_PAGE_SIZE, 1 << (need - 1).bit_length())
 
 
 def _source_splits(src: str, data_root: str | None, strict: bool) -> list[tuple[str, Sequence, list[str]]]:
@@ -108,11 +129,13 @@ def _load_item(dataset, index: int):
     return np.asarray(img, dtype=np.uint8), int(label)
 
 
-def _write_atomic(dataset, classes: list[str], path: Path, fields: dict, num_workers: int, label: str | None):
+def _write_atomic(dataset, classes: list[str], path: Path, fields: dict, num_workers: int, label: str | None,
+                  page_size: int = DEFAULT_PAGE_SIZE):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp_meta = sidecar_path(tmp)
     try:
-        writer = _writer_class()(str(tmp), fields, num_workers=num_workers, progress_label=label)
+        writer = _writer_class()(str(tmp), fields, num_workers=num_workers, progress_label=label,
+                                 page_size=page_size)
         writer.from_indexed_dataset(_Items(dataset), chunksize=64)
         tmp_meta.write_text(json.dumps({"classes": list(classes), "num_samples": len(dataset)}))
         os.replace(tmp, path)
@@ -120,6 +143,15 @@ def _write_atomic(dataset, classes: list[str], path: Path, fields: dict, num_wor
     finally:
         for leftover in (tmp, tmp_meta):
             leftover.unlink(missing_ok=True)
+
+
+def _write_failure(name: str, error: str) -> str:
+    overflow = _PAGE_OVERFLOW.search(error)
+    if overflow:
+        size, page = (int(v) for v in overflow.groups())
+        return (f"writing {name} failed: an image needs {size:,} bytes but a .beton page holds {page:,}; pass "
+                f"--max-resolution (ImageNet: {DEFAULT_MAX_RESOLUTION}) to store large images smaller")
+    return f"writing {name} failed: {error}"
 
 
 def _guarded_worker(work_fn, errors, *args) -> None:
@@ -138,8 +170,8 @@ def _writer_class():
         """ffcv's DatasetWriter with a rich progress bar, and errors instead of a hang when a worker fails
         (the original waits forever for samples a dead worker will never write)."""
 
-        def __init__(self, fname, fields, num_workers, progress_label):
-            super().__init__(fname, fields, num_workers=num_workers)
+        def __init__(self, fname, fields, num_workers, progress_label, page_size=DEFAULT_PAGE_SIZE):
+            super().__init__(fname, fields, num_workers=num_workers, page_size=page_size)
             self.progress_label = progress_label
 
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
@@ -182,7 +214,7 @@ def _writer_class():
                 task = bar.add_task(f"writing {self.progress_label}", total=self.num_samples)
                 while done.value < self.num_samples:
                     try:
-                        raise TntError(f"writing {self.progress_label or self.fname} failed: {errors.get_nowait()}")
+                        raise TntError(_write_failure(self.progress_label or self.fname, errors.get_nowait()))
                     except queue.Empty:
                         pass
                     codes = [p.exitcode for p in procs]
