@@ -13,7 +13,7 @@ from PIL import Image
 from tntcli.data import AugmentSettings, build_loaders, resolve_source
 from tntcli.data.augment import BatchAugment, parse_rand_augment
 from tntcli.data.pipelines import RASampler
-from tntcli.errors import TntError
+from tntcli.errors import TntError, TntWarning
 
 FULL = AugmentSettings()  # the TNT/DeiT recipe: RRC, flip, RandAugment, erasing, MixUp/CutMix
 
@@ -181,10 +181,10 @@ def _add_bad_files(folder: Path) -> None:
 
 def test_unreadable_files_are_skipped_with_a_warning_naming_them(image_folder):
     _add_bad_files(image_folder)
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable file\(s\)") as caught:
+    with pytest.warns(TntWarning, match=r"left out 2 unreadable file\(s\)") as caught:
         source = resolve_source(str(image_folder))
     message = str(caught[0].message)
-    assert "notes.jpg" in message and "cut.jpg" in message
+    assert "notes.jpg" in message and "cut.jpg" in message and "--strict" in message
     assert len(source.train) == 24 and len(source.skipped) == 2
 
 
@@ -225,6 +225,30 @@ def test_named_dataset_download_failure_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd, "CIFAR10", offline)
     with pytest.raises(TntError, match=rf"cifar10 is not at {tmp_path}/cifar-10-batches-py .*network is unreachable"):
         resolve_source("cifar10", str(tmp_path))
+    root = tmp_path / "data" / "nested"                       # a --data-root that did not exist
+    with pytest.raises(TntError, match="could not be downloaded"):
+        resolve_source("cifar10", str(root))
+    assert list(tmp_path.iterdir()) == []                     # no empty ./data left behind
+
+
+def test_skipped_images_print_as_one_warning_line_in_the_cli(image_folder):
+    import io
+    import warnings
+
+    from rich.console import Console
+
+    from tntcli.cli import _print_tnt_warnings
+
+    _add_bad_files(image_folder)
+    out = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _print_tnt_warnings(Console(file=out, width=400, color_system=None))
+        resolve_source(str(image_folder))
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: left out 2 unreadable file(s)")
+    assert "--strict" in lines[0] and "notes.jpg" in lines[0] and "cut.jpg" in lines[0]
+    assert "UserWarning" not in lines[0] and "warnings.warn" not in lines[0] and ".py:" not in lines[0]
 
 
 def test_beton_without_ffcv_says_what_to_install(monkeypatch, tmp_path):
@@ -261,5 +285,5 @@ def test_eval_only_reads_val_and_leaves_train_files_unchecked(image_folder):
         warnings.simplefilter("error")                        # no warning: train/ was not scanned
         source = resolve_source(str(image_folder), eval_only=True)
     assert source.train is source.val and source.classes == ["cat", "dog", "emu"]
-    with pytest.warns(UserWarning, match="0.jpg"):
+    with pytest.warns(TntWarning, match="0.jpg"):
         resolve_source(str(image_folder))

@@ -337,9 +337,29 @@ def bench_(
     console.print(f"appended {len(records)} rows to {bench.append_csv(records, results)}")
 
 
+def _print_tnt_warnings(err_console: Console) -> None:
+    """`TntWarning`s as one `warning: ...` line each; every other warning as Python prints it."""
+    import warnings
+
+    from rich.text import Text
+
+    from tntcli.errors import TntWarning
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TntWarning):
+            err_console.print(Text.assemble(("warning: ", "bold yellow"), str(message)))
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
     """Console entry point: user mistakes print one line and exit non-zero, never a traceback."""
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    _print_tnt_warnings(err_console)
     try:
         code = app(standalone_mode=False)      # non-standalone click returns typer.Exit's code instead of exiting
     except TntError as err:

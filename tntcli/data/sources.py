@@ -22,6 +22,7 @@ suspicious files); unreadable ones are skipped with one warning that names them 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from tntcli.data.beton import beton_classes, beton_pair, require_ffcv
-from tntcli.errors import TntError
+from tntcli.errors import TntError, TntWarning
 
 NAMED_DATASETS = ("cifar10", "cifar100", "flowers102", "pets")
 OFFLINE_DATASETS = ("digits",)
@@ -155,7 +156,8 @@ class ImageFileDataset:
             except Exception as err:
                 if self.strict:
                     raise TntError(f"unreadable image {path}: {err}") from None
-                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {path} ({err}); --strict makes this an error",
+                              TntWarning, stacklevel=2)
         raise TntError("no readable image left in the dataset")
 
 
@@ -199,11 +201,12 @@ def _file_problem(path: Path) -> str | None:
 
 
 def warn_skipped(skipped: list[str], where: str) -> None:
+    """One `TntWarning` naming the files left out (the first ten) and the `--strict` flag."""
     if not skipped:
         return
     shown = "; ".join(skipped[:_WARN_LIST_MAX]) + ("; ..." if len(skipped) > _WARN_LIST_MAX else "")
-    warnings.warn(f"skipped {len(skipped)} unreadable file(s) under {where} (strict=True makes this an error): "
-                  f"{shown}", stacklevel=3)
+    warnings.warn(f"left out {len(skipped)} unreadable file(s) under {where} (--strict makes this an error): "
+                  f"{shown}", TntWarning, stacklevel=3)
 
 
 def folder_source(data: str, *, strict: bool = False, eval_only: bool = False) -> DataSource:
@@ -307,6 +310,17 @@ def _class_names(name: str, dataset) -> list[str]:
     return [str(i) for i in range(max(labels) + 1)] if labels else []
 
 
+def _missing_parents(folder: Path) -> list[Path]:
+    """The outermost of `folder` and its ancestors that does not exist yet (what mkdir(parents=True) would
+    create), as a list of zero or one path."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = [path]
+    return missing
+
+
 def torchvision_source(name: str, root: str) -> DataSource:
     make_train, make_val, folder = _named_splits(name, root)
     expected = Path(root) / folder
@@ -315,12 +329,15 @@ def torchvision_source(name: str, root: str) -> DataSource:
     except Exception:  # not there yet: try the download (bounded, so no network means an error, not a hang)
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+        created = _missing_parents(Path(root))
         try:
             Path(root).mkdir(parents=True, exist_ok=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 train, val = make_train(True), make_val(True)
         except Exception as err:
+            for folder in created:          # leave no empty ./data (or partial download) behind
+                shutil.rmtree(folder, ignore_errors=True)
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:160]
             raise TntError(f"{name} is not at {expected} and could not be downloaded ({reason}); download it "
                            f"there by hand (torchvision layout) or pass --data-root") from None
