@@ -287,3 +287,23 @@ def test_eval_only_reads_val_and_leaves_train_files_unchecked(image_folder):
     assert source.train is source.val and source.classes == ["cat", "dog", "emu"]
     with pytest.warns(TntWarning, match="0.jpg"):
         resolve_source(str(image_folder))
+
+
+def test_eval_data_may_be_a_val_folder_alone_or_a_class_root(image_folder):
+    import shutil
+
+    shutil.rmtree(image_folder / "train")
+    for data in (image_folder, image_folder / "val"):          # root with only val/, or a class-folder root
+        lds = build_loaders(str(data), img_size=16, batch_size=4, workers=0, aug=None, eval_only=True)
+        assert lds.classes == ["cat", "dog", "emu"] and lds.n_val == 9
+        assert torch.cat([y for _, y in lds.val]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(TntError, match="no train/"):
+        resolve_source(str(image_folder))                      # training still needs both splits
+
+
+def test_eval_data_with_train_but_no_val_names_what_is_missing(image_folder):
+    import shutil
+
+    shutil.rmtree(image_folder / "val")
+    with pytest.raises(TntError, match="no val/"):
+        resolve_source(str(image_folder), eval_only=True)

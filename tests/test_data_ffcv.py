@@ -164,3 +164,18 @@ def test_a_photo_too_large_for_a_page_names_the_flag_and_the_default_fits(tmp_pa
                          progress=False)
     assert out.is_file()
     assert page_size_for(500) == 1 << 23 and page_size_for(2000) == 1 << 24 and page_size_for(0) == 1 << 23
+
+
+def test_eval_on_a_beton_pair_never_opens_the_train_file(tmp_path, written):
+    import shutil
+
+    for suffix in ("-val.beton", "-val.beton.json"):
+        shutil.copy(str(written[1]).replace(".beton", suffix), tmp_path / f"p{suffix}")
+    (tmp_path / "p-train.beton").write_bytes(b"not a beton")     # opening it would fail
+    lds = build_loaders(str(tmp_path / "p.beton"), img_size=16, batch_size=4, workers=1, aug=None, eval_only=True)
+    try:
+        assert lds.n_val == 9 and torch.cat([y.clone() for _, y in lds.val]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    finally:
+        lds.close()
+    with pytest.raises(TntError, match="not a readable .beton"):
+        build_loaders(str(tmp_path / "p.beton"), img_size=16, batch_size=4, workers=1, aug=None)

@@ -75,7 +75,7 @@ def build_loaders(data: str, *, data_root: str | None = None, img_size: int, bat
     if source.is_ffcv:
         from tntcli.data.ffcv import ffcv_loaders
 
-        train, val, n_train, n_val = ffcv_loaders(source, **settings)
+        train, val, n_train, n_val = ffcv_loaders(source, eval_only=eval_only, **settings)
     else:
         from tntcli.data.pipelines import torchvision_loaders
 

@@ -352,8 +352,9 @@ def _ra_order(repeats: int, world: int, rank: int, seed: int):
 
 def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, std, crop_pct: float,
                  aug, distributed: bool, repeated_aug: int, device: torch.device, seed: int, drop_last: bool,
-                 max_train_images: int | None):
-    """(train, val, n_train, n_val) FfcvLoaders for an FFCV `DataSource`."""
+                 max_train_images: int | None, eval_only: bool = False):
+    """(train, val, n_train, n_val) FfcvLoaders for an FFCV `DataSource`. `eval_only`: train is the val loader
+    (no train `Loader` is built, its file is not opened)."""
     require_ffcv()
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -363,10 +364,19 @@ def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, 
 
     world, rank = world_and_rank(distributed)
     size = (img_size, img_size)
-    n_train, n_val = int(reader(source.train_path).num_samples), int(reader(source.val_path).num_samples)
 
     def center_crop():
         return CenterCropRGBImageDecoder(size, ratio=crop_pct)
+
+    n_val = int(reader(source.val_path).num_samples)
+    val = FfcvLoader(Loader(str(source.val_path), batch_size=batch_size, num_workers=workers,
+                            order=OrderOption.SEQUENTIAL, indices=np.arange(rank, n_val, world), drop_last=False,
+                            pipelines={"image": _image_pipeline(center_crop(), [], device),
+                                       "label": _label_pipeline(device)}),
+                     device, ImagePipeline(None, mean=mean, std=std))
+    if eval_only:
+        return val, val, n_val, n_val
+    n_train = int(reader(source.train_path).num_samples)
 
     if aug is None:
         train_image = _image_pipeline(center_crop(), [], device)
@@ -385,9 +395,5 @@ def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, 
     if use_ra:  # ffcv's constructor takes no order class with arguments: swap it in afterwards
         train.traversal_order = _ra_order(repeated_aug, world, rank, seed)(train)
         train.first_traversal_order = train.next_traversal_order()
-    val = Loader(str(source.val_path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
-                 indices=np.arange(rank, n_val, world), drop_last=False,
-                 pipelines={"image": _image_pipeline(center_crop(), [], device),
-                            "label": _label_pipeline(device)})
-    return (FfcvLoader(train, device, ImagePipeline(aug, mean=mean, std=std), seed=seed, rank=rank),
-            FfcvLoader(val, device, ImagePipeline(None, mean=mean, std=std)), n_train, n_val)
+    return (FfcvLoader(train, device, ImagePipeline(aug, mean=mean, std=std), seed=seed, rank=rank), val,
+            n_train, n_val)

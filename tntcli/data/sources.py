@@ -12,7 +12,8 @@ Accepted values, tried in this order:
 3. `cifar10`, `cifar100`, `flowers102`, `pets` -> torchvision datasets under `data_root` (default `./data`),
    downloaded when missing and the network allows.
 4. a folder with `train/` and `val/` ImageFolder subfolders (`<split>/<class>/<image>`); both splits must
-   list the same classes.
+   list the same classes. For evaluation (`eval_only`) `val/` alone will do, or a `<class>/<image>` root
+   (as timm's validate.py), and `X.beton` needs only `X-val.beton`.
 
 Image files are checked when the source is resolved (header + JPEG/PNG end marker, a full decode only for
 suspicious files); unreadable ones are skipped with one warning that names them and counts them, or raise
@@ -76,7 +77,7 @@ def resolve_source(data: str, data_root: str | None = None, *, strict: bool = Fa
         raise TntError("--data is empty: give a folder with train/ and val/, a .beton, digits or one of "
                        + ", ".join(NAMED_DATASETS))
     if data.endswith(".beton"):
-        return _beton_source(data)
+        return _beton_source(data, eval_only=eval_only)
     if data.lower() == "digits":
         return digits_source()
     if data.lower() in NAMED_DATASETS:
@@ -218,6 +219,8 @@ def folder_source(data: str, *, strict: bool = False, eval_only: bool = False) -
         raise TntError(f"--data {data} is a file; expected a folder with train/ and val/ or a .beton")
     if not any(root.iterdir()):
         raise TntError(f"--data {data} is an empty folder; expected {data}/train/<class>/* and {data}/val/<class>/*")
+    if eval_only:
+        return _eval_folder_source(data, root, strict)
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise TntError(f"--data {data} has no {' or '.join(s + '/' for s in missing)} subfolder; "
@@ -235,6 +238,17 @@ def folder_source(data: str, *, strict: bool = False, eval_only: bool = False) -
     skipped = skipped_train + skipped_val
     warn_skipped(skipped, str(root))
     return DataSource("folder", data, train_classes, train=train, val=val, skipped=skipped)
+
+
+def _eval_folder_source(data: str, root: Path, strict: bool) -> DataSource:
+    """Evaluation data as timm's validate.py takes it: `root/val/<class>/*` (train/ may be absent and is never
+    read), or `root/<class>/*` itself."""
+    split = root / "val" if (root / "val").is_dir() else root
+    if split == root and (root / "train").is_dir():
+        raise TntError(f"--data {data} has train/ but no val/ subfolder; evaluation reads {data}/val/<class>/*")
+    val, skipped = scan_class_folders(split, strict=strict)
+    warn_skipped(skipped, str(root))
+    return DataSource("folder", data, val.classes, train=val, val=val, skipped=skipped)
 
 
 # ------------------------------------------------------------------------------------------------ digits
@@ -348,11 +362,13 @@ def torchvision_source(name: str, root: str) -> DataSource:
 
 
 # ------------------------------------------------------------------------------------------------- ffcv
-def _beton_source(data: str) -> DataSource:
+def _beton_source(data: str, eval_only: bool = False) -> DataSource:
     require_ffcv()
     single = Path(data).expanduser()
     train, val = beton_pair(single)
-    if train.is_file() and val.is_file():
+    if eval_only and val.is_file():   # the train file is neither needed nor opened
+        train = val
+    elif train.is_file() and val.is_file():
         pass
     elif single.is_file():
         train = val = single
