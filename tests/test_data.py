@@ -307,3 +307,25 @@ def test_eval_data_with_train_but_no_val_names_what_is_missing(image_folder):
     shutil.rmtree(image_folder / "val")
     with pytest.raises(TntError, match="no val/"):
         resolve_source(str(image_folder), eval_only=True)
+
+
+def test_large_folder_scans_are_cached_by_listing(image_folder, tmp_path, monkeypatch):
+    import tntcli.data.sources as sources
+
+    monkeypatch.setattr(sources, "MANIFEST_MIN_FILES", 1)            # real threshold: 5,000 files
+    monkeypatch.setenv("TNT_CACHE_DIR", str(tmp_path / "cache"))
+    _add_bad_files(image_folder)
+    with pytest.warns(TntWarning):
+        first = resolve_source(str(image_folder))
+    assert len(list((tmp_path / "cache" / "folder-scans").iterdir())) == 2   # train/ and val/
+
+    def no_checks(path):
+        raise AssertionError(f"{path} opened although the folder did not change")
+
+    monkeypatch.setattr(sources, "_file_problem", no_checks)
+    with pytest.warns(TntWarning):
+        again = resolve_source(str(image_folder))
+    assert again.skipped == first.skipped and again.train.samples == first.train.samples
+    (image_folder / "val" / "emu" / "0.jpg").write_bytes(b"changed")   # new size: that split is re-checked
+    with pytest.raises(AssertionError, match="opened although"):
+        resolve_source(str(image_folder))

@@ -169,22 +169,26 @@ def list_class_folders(split_dir: Path) -> list[str]:
 def scan_class_folders(split_dir: Path, *, strict: bool = False,
                        classes: list[str] | None = None) -> tuple[ImageFileDataset, list[str]]:
     """ImageFolder-style scan of `split_dir/<class>/<file>` with every file checked. Returns the dataset and
-    the skipped files (relative to split_dir's parent). Empty classes raise `TntError`."""
+    the skipped files (relative to split_dir's parent). Empty classes raise `TntError`.
+
+    Large folders (>= MANIFEST_MIN_FILES files) keep the check's result in a manifest under the user cache
+    (`scan_cache_dir()`), keyed by the listing (every file's path, size and mtime): the next start-up with an
+    unchanged folder stats the files instead of opening them."""
     classes = classes if classes is not None else list_class_folders(split_dir)
     if not classes:
         raise TntError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
-    files: list[tuple[Path, int]] = []
+    files: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        entries = sorted(p for p in (split_dir / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        entries = sorted(_files_under(split_dir / name))
         if not entries:
             raise TntError(f"class folder {split_dir / name} is empty")
         files.extend((p, label) for p in entries)
 
-    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: threads overlap the opens
-        problems = list(pool.map(_file_problem, (p for p, _ in files)))
+    paths = [p for p, _ in files]
+    problems = _checked_problems(split_dir, paths)
     base = split_dir.parent
-    skipped = [f"{p.relative_to(base)} ({why})" for (p, _), why in zip(files, problems) if why]
-    samples = [(str(p), label) for (p, label), why in zip(files, problems) if not why]
+    skipped = [f"{os.path.relpath(p, base)} ({why})" for p, why in zip(paths, problems) if why]
+    samples = [(p, label) for (p, label), why in zip(files, problems) if not why]
     if skipped and strict:
         raise TntError(f"{len(skipped)} unreadable image file(s) under {split_dir}: "
                        + "; ".join(skipped[:_WARN_LIST_MAX]))
@@ -195,10 +199,68 @@ def scan_class_folders(split_dir: Path, *, strict: bool = False,
     return ImageFileDataset(samples, classes, strict), skipped
 
 
-def _file_problem(path: Path) -> str | None:
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return f"not an image file type ({path.suffix or 'no extension'})"
-    return check_image(path)
+def _files_under(folder: Path) -> list[str]:
+    """Every non-hidden file below `folder` (os.scandir: no stat per entry)."""
+    out, stack = [], [str(folder)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    out.append(entry.path)
+    return out
+
+
+MANIFEST_MIN_FILES = 5000
+
+
+def scan_cache_dir() -> Path:
+    """Where folder-scan manifests live: $TNT_CACHE_DIR, else $XDG_CACHE_HOME/tnt, else ~/.cache/tnt."""
+    root = os.environ.get("TNT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tnt"
+    return Path(root) / "folder-scans"
+
+
+def _checked_problems(split_dir: Path, paths: list[str]) -> list[str | None]:
+    """`_file_problem` of every path, from a manifest when the listing is unchanged."""
+    if len(paths) < MANIFEST_MIN_FILES:
+        return _check_all(paths)
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(str(split_dir.resolve()).encode())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        stats = list(pool.map(os.stat, paths))
+    for path, st in zip(paths, stats):
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    manifest = scan_cache_dir() / f"{digest.hexdigest()}.json"
+    try:
+        known = json.loads(manifest.read_text())
+        return [known.get(p) for p in paths]
+    except (OSError, ValueError):
+        pass
+    problems = _check_all(paths)
+    try:
+        from tntcli.fsio import atomic_write_text
+
+        atomic_write_text(manifest, json.dumps({p: why for p, why in zip(paths, problems) if why}))
+    except OSError:
+        pass  # a read-only home only costs the next start-up its scan
+    return problems
+
+
+def _check_all(paths: list[str]) -> list[str | None]:
+    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: threads overlap the opens
+        return list(pool.map(_file_problem, paths))
+
+
+def _file_problem(path: str) -> str | None:
+    suffix = os.path.splitext(path)[1]
+    if suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file type ({suffix or 'no extension'})"
+    return check_image(Path(path))
 
 
 def warn_skipped(skipped: list[str], where: str) -> None:
