@@ -231,10 +231,11 @@ def _checked_problems(split_dir: Path, paths: list[str]) -> list[str | None]:
     import json
 
     digest = hashlib.sha256(str(split_dir.resolve()).encode())
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        stats = list(pool.map(os.stat, paths))
-    for path, st in zip(paths, stats):
-        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    listing = []
+    for path in paths:             # a stat is ~100x cheaper than opening the file (page-cached metadata)
+        st = os.stat(path)
+        listing.append(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    digest.update("".join(listing).encode())
     manifest = scan_cache_dir() / f"{digest.hexdigest()}.json"
     try:
         known = json.loads(manifest.read_text())
