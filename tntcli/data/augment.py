@@ -145,9 +145,11 @@ class RandomErasing:
             if index.numel() == 0:
                 return images
             chosen = images.index_select(0, index)
-            noise = torch.randn(chosen.shape, generator=generator, device=images.device, dtype=images.dtype)
+            inside = box.index_select(0, index).expand_as(chosen)
+            # noise for the boxes' pixels only (a CPU tensor's size is known without a device sync)
+            noise = torch.randn(int(inside.sum()), generator=generator, device=images.device, dtype=images.dtype)
             out = images if inplace else images.clone()
-            return out.index_copy_(0, index, torch.where(box.index_select(0, index), noise, chosen))
+            return out.index_copy_(0, index, chosen.masked_scatter_(inside, noise))
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         return torch.where(box & erase.view(-1, 1, 1, 1), noise, images)
 
