@@ -36,7 +36,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def _ffcv_available() -> bool:
-    from tntcli.data.ffcv import ffcv_available
+    from tntcli.data.beton import ffcv_available
 
     return ffcv_available()
 

@@ -13,7 +13,7 @@ from PIL import Image
 from tntcli.data import AugmentSettings, build_loaders, resolve_source
 from tntcli.data.augment import BatchAugment, parse_rand_augment
 from tntcli.data.pipelines import RASampler
-from tntcli.errors import TntError
+from tntcli.errors import TntError, TntWarning
 
 FULL = AugmentSettings()  # the TNT/DeiT recipe: RRC, flip, RandAugment, erasing, MixUp/CutMix
 
@@ -55,7 +55,7 @@ def test_no_augmentation_passes_labels_through(image_folder):
     images, labels = next(iter(lds.train))
     out, targets = lds.batch_augment(images, labels)
     assert out is images and targets is labels
-    off = BatchAugment(AugmentSettings(mixup=0, cutmix=0), 3, mean=(0.5,) * 3, std=(0.5,) * 3, per_sample=False)
+    off = BatchAugment(AugmentSettings(mixup=0, cutmix=0), 3)
     assert off(images, labels)[1] is labels
 
 
@@ -181,10 +181,10 @@ def _add_bad_files(folder: Path) -> None:
 
 def test_unreadable_files_are_skipped_with_a_warning_naming_them(image_folder):
     _add_bad_files(image_folder)
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable file\(s\)") as caught:
+    with pytest.warns(TntWarning, match=r"left out 2 unreadable file\(s\)") as caught:
         source = resolve_source(str(image_folder))
     message = str(caught[0].message)
-    assert "notes.jpg" in message and "cut.jpg" in message
+    assert "notes.jpg" in message and "cut.jpg" in message and "--strict" in message
     assert len(source.train) == 24 and len(source.skipped) == 2
 
 
@@ -225,10 +225,34 @@ def test_named_dataset_download_failure_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd, "CIFAR10", offline)
     with pytest.raises(TntError, match=rf"cifar10 is not at {tmp_path}/cifar-10-batches-py .*network is unreachable"):
         resolve_source("cifar10", str(tmp_path))
+    root = tmp_path / "data" / "nested"                       # a --data-root that did not exist
+    with pytest.raises(TntError, match="could not be downloaded"):
+        resolve_source("cifar10", str(root))
+    assert list(tmp_path.iterdir()) == []                     # no empty ./data left behind
+
+
+def test_skipped_images_print_as_one_warning_line_in_the_cli(image_folder):
+    import io
+    import warnings
+
+    from rich.console import Console
+
+    from tntcli.cli import _print_tnt_warnings
+
+    _add_bad_files(image_folder)
+    out = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _print_tnt_warnings(Console(file=out, width=400, color_system=None))
+        resolve_source(str(image_folder))
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: left out 2 unreadable file(s)")
+    assert "--strict" in lines[0] and "notes.jpg" in lines[0] and "cut.jpg" in lines[0]
+    assert "UserWarning" not in lines[0] and "warnings.warn" not in lines[0] and ".py:" not in lines[0]
 
 
 def test_beton_without_ffcv_says_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr("tntcli.data.ffcv.ffcv_available", lambda: False)
+    monkeypatch.setattr("tntcli.data.beton.ffcv_available", lambda: False)
     with pytest.raises(TntError, match="make ffcv"):
         resolve_source(str(tmp_path / "x.beton"))
 
@@ -261,5 +285,47 @@ def test_eval_only_reads_val_and_leaves_train_files_unchecked(image_folder):
         warnings.simplefilter("error")                        # no warning: train/ was not scanned
         source = resolve_source(str(image_folder), eval_only=True)
     assert source.train is source.val and source.classes == ["cat", "dog", "emu"]
-    with pytest.warns(UserWarning, match="0.jpg"):
+    with pytest.warns(TntWarning, match="0.jpg"):
+        resolve_source(str(image_folder))
+
+
+def test_eval_data_may_be_a_val_folder_alone_or_a_class_root(image_folder):
+    import shutil
+
+    shutil.rmtree(image_folder / "train")
+    for data in (image_folder, image_folder / "val"):          # root with only val/, or a class-folder root
+        lds = build_loaders(str(data), img_size=16, batch_size=4, workers=0, aug=None, eval_only=True)
+        assert lds.classes == ["cat", "dog", "emu"] and lds.n_val == 9
+        assert torch.cat([y for _, y in lds.val]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(TntError, match="no train/"):
+        resolve_source(str(image_folder))                      # training still needs both splits
+
+
+def test_eval_data_with_train_but_no_val_names_what_is_missing(image_folder):
+    import shutil
+
+    shutil.rmtree(image_folder / "val")
+    with pytest.raises(TntError, match="no val/"):
+        resolve_source(str(image_folder), eval_only=True)
+
+
+def test_large_folder_scans_are_cached_by_listing(image_folder, tmp_path, monkeypatch):
+    import tntcli.data.sources as sources
+
+    monkeypatch.setattr(sources, "MANIFEST_MIN_FILES", 1)            # real threshold: 5,000 files
+    monkeypatch.setenv("TNT_CACHE_DIR", str(tmp_path / "cache"))
+    _add_bad_files(image_folder)
+    with pytest.warns(TntWarning):
+        first = resolve_source(str(image_folder))
+    assert len(list((tmp_path / "cache" / "folder-scans").iterdir())) == 2   # train/ and val/
+
+    def no_checks(path):
+        raise AssertionError(f"{path} opened although the folder did not change")
+
+    monkeypatch.setattr(sources, "_file_problem", no_checks)
+    with pytest.warns(TntWarning):
+        again = resolve_source(str(image_folder))
+    assert again.skipped == first.skipped and again.train.samples == first.train.samples
+    (image_folder / "val" / "emu" / "0.jpg").write_bytes(b"changed")   # new size: that split is re-checked
+    with pytest.raises(AssertionError, match="opened although"):
         resolve_source(str(image_folder))

@@ -44,13 +44,14 @@ def test_round_trip_keeps_labels_classes_and_counts(written, ffcv_loaders):
 
 def test_both_paths_give_the_same_batch_format(written, ffcv_loaders):
     tv = build_loaders(str(written[0]), img_size=16, batch_size=4, workers=0, aug=FULL)
-    for (fx, fy), (tx, ty) in ((next(iter(ffcv_loaders.train)), next(iter(tv.train))),
-                               (next(iter(ffcv_loaders.val)), next(iter(tv.val)))):
+    for split in ("train", "val"):
+        (fx, fy), (tx, ty) = next(iter(getattr(ffcv_loaders, split))), next(iter(getattr(tv, split)))
         assert fx.shape == tx.shape == (4, 3, 16, 16) and fx.dtype == tx.dtype == torch.float32
         assert fy.dtype == ty.dtype == torch.int64 and fy.shape == ty.shape
-        assert fx.min() >= -1 - 1e-5 and fx.max() <= 1 + 1e-5  # normalised with mean = std = 0.5
+        if split == "val":  # train batches hold random erasing's N(0, 1) noise
+            assert fx.min() >= -1 - 1e-5 and fx.max() <= 1 + 1e-5  # normalised with mean = std = 0.5
     fx, fy = next(iter(ffcv_loaders.train))
-    out, targets = ffcv_loaders.batch_augment(fx, fy)  # + RandAugment and erasing, per image, for FFCV
+    out, targets = ffcv_loaders.batch_augment(fx, fy)  # MixUp/CutMix, the same on both paths
     tv_out, tv_targets = tv.batch_augment(*next(iter(tv.train)))
     assert out.shape == tv_out.shape and targets.shape == tv_targets.shape == (4, 3)
     assert torch.allclose(targets.sum(1), torch.ones(4))
@@ -66,7 +67,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch(ffcv_loaders):
     assert labels(5) != first
 
 
-def test_per_sample_augment_is_reproducible(ffcv_loaders):
+def test_batch_augment_is_reproducible(ffcv_loaders):
     images, labels = next(iter(ffcv_loaders.val))
     images = images.clone()
     ffcv_loaders.batch_augment.set_epoch(4)
@@ -130,3 +131,51 @@ def test_write_errors(tmp_path, written):
         write_beton(str(written[0]), tmp_path / "x.ffcv")
     with pytest.raises(TntError, match="neither"):
         resolve_source(str(tmp_path / "absent.beton"))
+
+
+def test_existing_beton_is_refused_unless_overwrite(tmp_path, written):
+    from tntcli.data.ffcv import write_beton
+
+    (out,) = write_beton(str(written[0] / "val"), tmp_path / "v.beton", num_workers=1, progress=False)
+    before = out.stat().st_mtime_ns
+    with pytest.raises(TntError, match="--overwrite"):
+        write_beton(str(written[0] / "val"), out, num_workers=1, progress=False)
+    assert out.stat().st_mtime_ns == before
+    write_beton(str(written[0] / "val"), out, num_workers=1, progress=False, overwrite=True)
+    assert out.stat().st_mtime_ns != before
+
+
+def test_a_photo_too_large_for_a_page_names_the_flag_and_the_default_fits(tmp_path):
+    """A raw 1800x1700 photo (9.2 MB) overflows ffcv's 8 MiB page; the ffcv-imagenet default (500 px) fits."""
+    import numpy as np
+    from PIL import Image
+
+    from tntcli.data.ffcv import page_size_for, write_beton
+
+    folder = tmp_path / "big" / "cls"
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (1700, 1800, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "0.png")
+    with pytest.raises(TntError, match="--max-resolution"):
+        write_beton(str(tmp_path / "big"), tmp_path / "raw.beton", max_resolution=0, write_mode="raw",
+                    num_workers=1, progress=False)
+    assert not (tmp_path / "raw.beton").exists()
+    (out,) = write_beton(str(tmp_path / "big"), tmp_path / "small.beton", write_mode="raw", num_workers=1,
+                         progress=False)
+    assert out.is_file()
+    assert page_size_for(500) == 1 << 23 and page_size_for(2000) == 1 << 24 and page_size_for(0) == 1 << 23
+
+
+def test_eval_on_a_beton_pair_never_opens_the_train_file(tmp_path, written):
+    import shutil
+
+    for suffix in ("-val.beton", "-val.beton.json"):
+        shutil.copy(str(written[1]).replace(".beton", suffix), tmp_path / f"p{suffix}")
+    (tmp_path / "p-train.beton").write_bytes(b"not a beton")     # opening it would fail
+    lds = build_loaders(str(tmp_path / "p.beton"), img_size=16, batch_size=4, workers=1, aug=None, eval_only=True)
+    try:
+        assert lds.n_val == 9 and torch.cat([y.clone() for _, y in lds.val]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    finally:
+        lds.close()
+    with pytest.raises(TntError, match="not a readable .beton"):
+        build_loaders(str(tmp_path / "p.beton"), img_size=16, batch_size=4, workers=1, aug=None)

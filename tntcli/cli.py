@@ -271,20 +271,22 @@ app.add_typer(data_app, name="data")
 def data_write(
     src: str = typer.Argument(..., help="Image folder (train/ + val/, or <class>/<image>), cifar10..., digits."),
     out: Path = typer.Argument(..., help="X.beton: writes X-train.beton + X-val.beton (or X.beton for one split)."),
-    max_resolution: Optional[int] = typer.Option(None, "--max-resolution", help="Longest side kept (ImageNet: 500)."),
+    max_resolution: int = typer.Option(500, "--max-resolution", min=0,
+                                       help="Longest side stored, as ffcv-imagenet (0: keep sizes)."),
     jpeg_quality: int = typer.Option(90, "--jpeg-quality"),
     compress_probability: float = typer.Option(0.5, "--compress-probability", help="JPEG share (proportion mode)."),
     write_mode: str = typer.Option("proportion", "--write-mode", help="proportion, jpg, raw or smart."),
     workers: int = typer.Option(2, "--workers"),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where named datasets live (./data)."),
     strict: bool = typer.Option(False, "--strict", help="Unreadable images are an error, not a skip."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing .beton files."),
 ):
     """Write an image dataset to FFCV .beton files (atomic; needs the ffcv extra)."""
     from tntcli.data.ffcv import write_beton
 
     for path in write_beton(src, out, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                             compress_probability=compress_probability, write_mode=write_mode,
-                            num_workers=workers, data_root=data_root, strict=strict):
+                            num_workers=workers, data_root=data_root, strict=strict, overwrite=overwrite):
         console.print(f"wrote {path}")
 
 
@@ -297,15 +299,21 @@ def data_bench(
     repeats: int = typer.Option(3, "--repeats", help="Alternating timed rounds per loader."),
     epochs: int = typer.Option(1, "--epochs", help="Epochs per timed round."),
     rand_augment: bool = typer.Option(False, "--rand-augment/--no-rand-augment", help="RandAugment in both."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Use this recipe's full train augmentation "
+                                         "(e.g. tnt-s-imagenet: RandAugment, erasing, MixUp/CutMix)."),
+    device: str = typer.Option("cpu", "--device", help="Where batches go and are augmented: cpu, cuda, cuda:N."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Folder for the .beton (default: a temp folder)."),
     data_root: Optional[str] = typer.Option(None, "--data-root"),
+    results: Path = typer.Option(Path("results"), "--results", help="Folder for data_bench.csv."),
 ):
     """images/s of the FFCV train loader vs the torchvision DataLoader on the same images."""
     from tntcli.data import bench
 
     result = bench.run_bench(data, data_root=data_root, img_size=img_size, batch_size=batch_size, workers=workers,
-                             repeats=repeats, epochs=epochs, rand_augment=rand_augment, cache_dir=cache)
+                             repeats=repeats, epochs=epochs, rand_augment=rand_augment, recipe=recipe,
+                             device=device, cache_dir=cache)
     bench.print_result(result, console)
+    console.print(f"appended {len(result.images_per_s)} rows to {bench.append_csv(result, results)}")
 
 
 # ----------------------------------------------------------------------------------------------- bench
@@ -352,9 +360,29 @@ def bench_(
     console.print(f"appended {len(records)} rows to {bench.append_csv(records, results)}")
 
 
+def _print_tnt_warnings(err_console: Console) -> None:
+    """`TntWarning`s as one `warning: ...` line each; every other warning as Python prints it."""
+    import warnings
+
+    from rich.text import Text
+
+    from tntcli.errors import TntWarning
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TntWarning):
+            err_console.print(Text.assemble(("warning: ", "bold yellow"), str(message)))
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
     """Console entry point: user mistakes print one line and exit non-zero, never a traceback."""
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    _print_tnt_warnings(err_console)
     try:
         code = app(standalone_mode=False)      # non-standalone click returns typer.Exit's code instead of exiting
     except TntError as err:

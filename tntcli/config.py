@@ -118,6 +118,10 @@ class AugmentSettings:
     cutmix: float = setting(1.0, "CutMix alpha; 0 = off.", flag("--cutmix"))
     mixup_switch_prob: float = setting(0.5, "Probability of CutMix when both MixUp and CutMix are on.")
     label_smoothing: float = setting(0.1, "Label smoothing (applied by the engine's loss).", flag("--smoothing"))
+    interpolation: str = setting("random", "Interpolation of the random-resized crop (torchvision path) and of "
+                                 "RandAugment's geometric ops: random (bilinear or bicubic per call, timm's "
+                                 "--train-interpolation default), bilinear, bicubic or nearest.",
+                                 flag("--train-interpolation"))
 
 
 @dataclass

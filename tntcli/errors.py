@@ -5,6 +5,11 @@ class TntError(Exception):
     """Bad input (unknown name, missing path, wrong checkpoint...). The message is shown to the user as is."""
 
 
+class TntWarning(UserWarning):
+    """Something the user should know that did not stop the command (e.g. unreadable images left out). The CLI
+    prints it as one `warning:` line, without Python's file/line prefix and source line."""
+
+
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: stopped by a signal after saving; requeue with --resume
 
 

@@ -7,10 +7,15 @@
             images, targets = loaders.batch_augment(images, labels)
     loaders.close()
 
-Randomness: with `set_epoch(e)` the order, the per-sample augmentation and `batch_augment` of epoch e are a
-pure function of (seed, e, rank) on the torchvision path (independent of the number of workers);
-`batch_augment` seeds its own draws under `fork_rng` and never touches the global RNG. On the FFCV path the
-order and `batch_augment` are reproducible, FFCV's compiled crop/flip are not.
+Train augmentation: crop + flip per sample (PIL in the DataLoader workers, or FFCV's compiled decoder), then
+the batched `ImagePipeline` (timm-exact RandAugment on uint8, normalisation, random erasing) on whole batches
+(in the workers, or on the FFCV batch's device), then `batch_augment` (MixUp/CutMix) on the device.
+
+Randomness: with `set_epoch(e)` the order, the per-sample and per-batch augmentation and `batch_augment` of
+epoch e are a pure function of (seed, e, rank, position/step) on the torchvision path (independent of the
+number of workers); every batched draw comes from its own seeded `torch.Generator`, never the global RNG. On
+the FFCV path the order, the `ImagePipeline` and `batch_augment` are reproducible, FFCV's compiled crop/flip
+are not.
 """
 from __future__ import annotations
 
@@ -71,14 +76,13 @@ def build_loaders(data: str, *, data_root: str | None = None, img_size: int, bat
     if source.is_ffcv:
         from tntcli.data.ffcv import ffcv_loaders
 
-        train, val, n_train, n_val = ffcv_loaders(source, **settings)
+        train, val, n_train, n_val = ffcv_loaders(source, eval_only=eval_only, **settings)
     else:
         from tntcli.data.pipelines import torchvision_loaders
 
         train, val, n_train, n_val = torchvision_loaders(source, interpolation=interpolation, **settings)
     _, rank = world_and_rank(distributed)
-    batch_augment = BatchAugment(aug, source.num_classes, mean=mean, std=std, per_sample=source.is_ffcv,
-                                 seed=seed, rank=rank)
+    batch_augment = BatchAugment(aug, source.num_classes, seed=seed, rank=rank)
     loaders = Loaders(train, val, source.num_classes, source.classes, batch_augment, n_train, n_val)
     loaders.set_epoch(0)
     return loaders

@@ -1,34 +1,40 @@
-"""Augmentations shared by the torchvision and FFCV paths.
+"""Train augmentation after the crop, batched on the batch's device, timm semantics throughout.
 
-- `parse_rand_augment`: timm-style `rand-m9-n2-mstd0.5-inc1` strings.
-- `TimmRandAugment`: torchvision's RandAugment with timm's per-op Gaussian magnitude noise (`mstd`).
-- `BatchAugment`: the `Loaders.batch_augment` callable. MixUp/CutMix on the batch; on the FFCV path also the
-  per-sample RandAugment + RandomErasing that FFCV cannot do, one random draw per image.
+- `ImagePipeline`: uint8 (B, 3, H, W) -> RandAugment (`tntcli.data.randaugment`) -> normalise (once) ->
+  random erasing (timm `--reprob p --remode pixel`). Both loader paths run it: the torchvision path in its
+  workers on each collated batch, the FFCV path in the main process on the batch's device.
+- `BatchAugment`: the engine's `Loaders.batch_augment`: MixUp/CutMix on the whole batch (timm `Mixup`,
+  mode 'batch'), with `set_epoch(epoch, step)`.
 
-Randomness never touches the global RNG: every call runs under `torch.random.fork_rng`, seeded from
-(seed, epoch, rank, call number), so `set_epoch` makes a whole epoch reproducible.
+Randomness: every draw comes from a `torch.Generator` on the batch's device seeded from integers only
+((seed, epoch, rank, step) for the FFCV path and `BatchAugment`, the batch's first sample seed, itself from
+(seed, epoch, rank, position), for the torchvision path): no global RNG, no host tensors per batch, no
+`.item()`. A resumed run repeats the same draws.
+
+Label smoothing is left to the loss (`F.cross_entropy(..., label_smoothing=s)` on the mixed targets), which
+equals timm's `mixup_target(..., smoothing=s)` (tested).
 """
 from __future__ import annotations
 
-import re
-from contextlib import contextmanager
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.transforms import v2
 
 from tntcli.config import AugmentSettings  # the recipe's aug section, declared with the other recipe keys
+from tntcli.data.randaugment import INTERPOLATIONS, RandAugment, parse_rand_augment
 from tntcli.errors import TntError
 
-MAGNITUDE_MAX = 10.0    # timm's level denominator: m9 means 90 % of each op's range
-MAGNITUDE_STEPS = 10    # bins per magnitude unit (timm draws continuous magnitudes; 0.1 steps are close)
+__all__ = ["AugmentSettings", "BatchAugment", "ImagePipeline", "MixupCutmix", "RandomErasing", "fill_from_mean",
+           "mix_seed", "mix_seeds", "parse_rand_augment"]
 
 
 # ------------------------------------------------------------------------------------------------ seeds
 _MASK64 = (1 << 64) - 1
+IMAGE_STREAM = 0x1A6E  # tags the ImagePipeline's seeds apart from BatchAugment's for the same step
 
 
 def mix_seed(*parts: int) -> int:
@@ -57,171 +63,219 @@ def mix_seeds(base: int, positions: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(1)).astype(np.int64)
 
 
-def seed_generators(seed: int, device: torch.device) -> None:
-    """Seed the CPU generator and `device`'s one only (torch.manual_seed would reseed every GPU)."""
-    torch.random.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
+class Generators:
+    """One `torch.Generator` per device, reseeded per batch (seeding is host-side: no device sync)."""
+
+    def __init__(self):
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def seeded(self, device: torch.device, seed: int) -> torch.Generator:
+        generator = self._by_device.get(device)
+        if generator is None:
+            generator = self._by_device[device] = torch.Generator(device=device)
+        return generator.manual_seed(seed)
 
 
-# ---------------------------------------------------------------------------------------- RandAugment
-@dataclass(frozen=True)
-class RandAugmentSpec:
-    magnitude: float = 9.0
-    num_ops: int = 2
-    magnitude_std: float = 0.0
+def fill_from_mean(mean: Sequence[float]) -> tuple[int, ...]:
+    """Pixels uncovered by rotate/shear/translate get the dataset mean, as timm's `img_mean` hparam."""
+    return tuple(min(255, round(255 * m)) for m in mean)
 
 
-def parse_rand_augment(spec: str | None) -> RandAugmentSpec | None:
-    """`rand-m9-n2-mstd0.5-inc1` -> RandAugmentSpec. None/"" -> None. `inc` is accepted and ignored:
-    torchvision's ops are already the 'increasing' variants (stronger with magnitude)."""
-    if not spec:
-        return None
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise TntError(f"rand_augment {spec!r}: expected a timm-style string like 'rand-m9-mstd0.5-inc1'")
-    values = {"m": 9.0, "n": 2.0, "mstd": 0.0}
-    for part in parts[1:]:
-        match = re.fullmatch(r"(mstd|mmax|inc|m|n|w|p)([0-9.]+)", part)
-        if not match:
-            raise TntError(f"rand_augment {spec!r}: cannot read {part!r} (known: m<magnitude>, n<ops>, "
-                           "mstd<std>, inc<0|1>)")
-        key, number = match.groups()
-        if key in values:
-            values[key] = float(number)
-    if not 0 <= values["m"] <= MAGNITUDE_MAX:
-        raise TntError(f"rand_augment {spec!r}: magnitude must be in 0..{MAGNITUDE_MAX:g}")
-    return RandAugmentSpec(values["m"], int(values["n"]), values["mstd"])
+def _check_interpolation(name: str) -> None:
+    if name not in INTERPOLATIONS:
+        raise TntError(f"aug.interpolation {name!r}: expected one of {', '.join(INTERPOLATIONS)}")
 
 
-class TimmRandAugment(v2.RandAugment):
-    """RandAugment whose magnitude is drawn per op from N(m, mstd) clipped to [0, 10], as in timm."""
+# ------------------------------------------------------------------------------------------- erasing
+class RandomErasing:
+    """timm's `RandomErasing(probability=p, mode='pixel')` on a normalised float batch (B, C, H, W): per image
+    with probability p, up to 10 attempts at a box of area U(0.02, 1/3) x H x W and log-uniform aspect in
+    [0.3, 1/0.3]; the first box that fits is filled with N(0, 1) noise per pixel. `grouped` as RandAugment."""
 
-    def __init__(self, spec: RandAugmentSpec, fill: Sequence[int] | None = None,
-                 interpolation: str = "bilinear"):
-        bins = int(MAGNITUDE_MAX * MAGNITUDE_STEPS) + 1
-        super().__init__(num_ops=spec.num_ops, magnitude=round(spec.magnitude * MAGNITUDE_STEPS),
-                         num_magnitude_bins=bins, interpolation=interpolation,
-                         fill=list(fill) if fill is not None else None)
-        self.spec = spec
+    def __init__(self, probability: float, *, min_area: float = 0.02, max_area: float = 1 / 3,
+                 min_aspect: float = 0.3, attempts: int = 10, grouped: bool | None = None):
+        self.probability, self.min_area, self.max_area, self.attempts = probability, min_area, max_area, attempts
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+        self.grouped = grouped
+        self._ranges: dict = {}
 
-    def _draw_magnitude_bin(self) -> int:
-        m = self.spec.magnitude
-        if self.spec.magnitude_std > 0:
-            m = float(torch.normal(m, self.spec.magnitude_std, ()).clamp(0.0, MAGNITUDE_MAX))
-        return round(m * MAGNITUDE_STEPS)
+    def boxes(self, shape: torch.Size, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(erase (B,) bool, box (B, 1, H, W) bool) for a batch of `shape`."""
+        b, _, h, w = shape
+        device = generator.device
+        rand = lambda *size: torch.rand(size, generator=generator, device=device, dtype=torch.float64)  # noqa: E731
+        erase = rand(b) <= self.probability
+        area = (rand(b, self.attempts) * (self.max_area - self.min_area) + self.min_area) * (h * w)
+        aspect = torch.exp(rand(b, self.attempts) * (self.log_aspect[1] - self.log_aspect[0]) + self.log_aspect[0])
+        box_h, box_w = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+        fits = (box_w < w) & (box_h < h)
+        first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)      # first attempt that fits
+        box_h, box_w = box_h.gather(1, first).squeeze(1), box_w.gather(1, first).squeeze(1)
+        erase &= fits.any(dim=1)
+        top = torch.floor(rand(b) * (h - box_h + 1))
+        left = torch.floor(rand(b) * (w - box_w + 1))
+        rows, cols = self._positions(h, w, device)
+        inside_rows = (rows >= top.view(b, 1)) & (rows < (top + box_h).view(b, 1))      # (B, H)
+        inside_cols = (cols >= left.view(b, 1)) & (cols < (left + box_w).view(b, 1))   # (B, W)
+        return erase, (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)
 
-    def forward(self, *inputs):
-        flat, image = self._flatten_and_extract_image_or_video(inputs)
-        height, width = v2.functional.get_size(image)
-        for _ in range(self.num_ops):
-            op, (magnitudes_fn, signed) = self._get_random_item(self._AUGMENTATION_SPACE)
-            magnitudes = magnitudes_fn(self.num_magnitude_bins, height, width)
-            magnitude = 0.0
-            if magnitudes is not None:
-                magnitude = float(magnitudes[self._draw_magnitude_bin()])
-                if signed and torch.rand(()) <= 0.5:
-                    magnitude = -magnitude
-            image = self._apply_image_or_video_transform(image, op, magnitude,
-                                                         interpolation=self.interpolation, fill=self._fill)
-        return self._unflatten_and_insert_image_or_video(flat, image)
+    def __call__(self, images: Tensor, generator: torch.Generator, inplace: bool = False) -> Tensor:
+        """images (B, C, H, W) float -> erased images (`inplace`: written into `images` where possible)."""
+        if self.probability <= 0 or images.shape[0] == 0:
+            return images
+        erase, box = self.boxes(images.shape, generator)
+        grouped = self.grouped if self.grouped is not None else images.device.type == "cpu"
+        if grouped:                    # noise only for the images erased
+            index = erase.nonzero().flatten()
+            if index.numel() == 0:
+                return images
+            chosen = images.index_select(0, index)
+            inside = box.index_select(0, index).expand_as(chosen)
+            # noise for the boxes' pixels only (a CPU tensor's size is known without a device sync)
+            noise = torch.randn(int(inside.sum()), generator=generator, device=images.device, dtype=images.dtype)
+            out = images if inplace else images.clone()
+            return out.index_copy_(0, index, chosen.masked_scatter_(inside, noise))
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        return torch.where(box & erase.view(-1, 1, 1, 1), noise, images)
+
+    def _positions(self, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (h, w, device)
+        if key not in self._ranges:
+            self._ranges[key] = (torch.arange(h, device=device, dtype=torch.float64),
+                                 torch.arange(w, device=device, dtype=torch.float64))
+        return self._ranges[key]
 
 
-def fill_from_mean(mean: Sequence[float]) -> list[int]:
-    """Pixels uncovered by shear/rotate/translate get the dataset mean, like timm."""
-    return [int(round(255 * m)) for m in mean]
+# ------------------------------------------------------------------------------------------ image pipeline
+class ImagePipeline:
+    """Per-image train augmentation of a cropped uint8 batch, then normalisation (once).
+
+    `__call__(images (B, 3, H, W) uint8, seed) -> (B, 3, H, W) float32 normalised`, on the images' device.
+    `aug=None`: normalisation only.
+    """
+
+    def __init__(self, aug: AugmentSettings | None, *, mean: Sequence[float], std: Sequence[float],
+                 grouped: bool | None = None):
+        spec = parse_rand_augment(aug.rand_augment) if aug is not None else None
+        if aug is not None:
+            _check_interpolation(aug.interpolation)
+        self.rand_augment = (RandAugment(spec, fill=fill_from_mean(mean), interpolation=aug.interpolation,
+                                         grouped=grouped) if spec else None)
+        erase_p = aug.random_erasing if aug is not None else 0.0
+        self.erasing = RandomErasing(erase_p, grouped=grouped) if erase_p > 0 else None
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._scale: dict = {}
+        self._generators = Generators()
+
+    @property
+    def is_random(self) -> bool:
+        return self.rand_augment is not None or self.erasing is not None
+
+    def __call__(self, images: Tensor, seed: int = 0) -> Tensor:
+        generator = self._generators.seeded(images.device, seed) if self.is_random else None
+        if self.rand_augment is not None:
+            images = self.rand_augment(images, generator)
+        out = self.normalize(images)
+        if self.erasing is not None:
+            out = self.erasing(out, generator, inplace=True)
+        return out
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 -> float32 (x / 255 - mean) / std, as (x - 255 mean) * (1 / (255 std))."""
+        key = images.device
+        if key not in self._scale:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=key).view(1, -1, 1, 1) * 255
+            inv_std = 1.0 / (torch.tensor(self.std, dtype=torch.float32, device=key).view(1, -1, 1, 1) * 255)
+            self._scale[key] = (mean, inv_std)
+        mean, inv_std = self._scale[key]
+        return images.to(torch.float32).sub_(mean).mul_(inv_std)
 
 
-def random_erasing(p: float) -> v2.RandomErasing:
-    """timm's 'pixel' mode: the erased box holds per-pixel normal noise (inputs are normalised)."""
-    return v2.RandomErasing(p=p, value="random")
+# ------------------------------------------------------------------------------------------ mixup / cutmix
+class MixupCutmix:
+    """timm's `Mixup(mode='batch', prob=1)` on the device: per batch, CutMix with probability `switch_prob`
+    (else MixUp) when both alphas are > 0; lam ~ Beta(alpha, alpha); the partner of image i is image B-1-i
+    (`x.flip(0)`); CutMix's box as timm's `rand_bbox` and lam corrected to the box's clipped area.
+    Targets are mixed one-hot vectors without smoothing (see the module docstring)."""
 
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, *, switch_prob: float = 0.5, num_classes: int):
+        if mixup_alpha <= 0 and cutmix_alpha <= 0:
+            raise ValueError("MixupCutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.switch_prob = switch_prob if (mixup_alpha > 0 and cutmix_alpha > 0) else (
+            1.0 if cutmix_alpha > 0 else 0.0)
+        self.num_classes = num_classes
+        self._constants: dict = {}
 
-def build_mix(aug: AugmentSettings | None, num_classes: int):
-    """MixUp, CutMix, or a random choice between them (CutMix with `mixup_switch_prob`); None when both off."""
-    if aug is None:
-        return None
-    mixup = v2.MixUp(alpha=aug.mixup, num_classes=num_classes) if aug.mixup > 0 else None
-    cutmix = v2.CutMix(alpha=aug.cutmix, num_classes=num_classes) if aug.cutmix > 0 else None
-    if mixup and cutmix:
-        p = aug.mixup_switch_prob
-        return v2.RandomChoice([mixup, cutmix], p=[1.0 - p, p])
-    return mixup or cutmix
+    def draw(self, shape: torch.Size, generator: torch.Generator) -> dict[str, Tensor]:
+        """use_cutmix () bool, lam () float64 (corrected for CutMix), box (1, 1, H, W) bool (CutMix region)."""
+        _, _, h, w = shape
+        device = generator.device
+        alphas, rows, cols = self._device_constants(h, w, device)
+        rand = lambda *size: torch.rand(size, generator=generator, device=device, dtype=torch.float64)  # noqa: E731
+        use_cutmix = rand() < self.switch_prob
+        gammas = torch._standard_gamma(alphas, generator=generator)        # (2 alphas, 2 draws)
+        lam_mix, lam_cut = (gammas[:, 0] / gammas.sum(dim=1)).unbind()     # Beta(a, a) = G1 / (G1 + G2)
+        ratio = torch.sqrt(1.0 - lam_cut)
+        cut_h, cut_w = torch.trunc(h * ratio), torch.trunc(w * ratio)
+        cy, cx = torch.floor(rand() * h), torch.floor(rand() * w)
+        half = lambda v: torch.div(v, 2, rounding_mode="floor")  # noqa: E731  (numpy's // on ints)
+        top, bottom = (cy - half(cut_h)).clamp(0, h), (cy + half(cut_h + 1)).clamp(0, h)
+        left, right = (cx - half(cut_w)).clamp(0, w), (cx + half(cut_w + 1)).clamp(0, w)
+        box = ((rows >= top) & (rows < bottom)).view(h, 1) & ((cols >= left) & (cols < right)).view(1, w)
+        lam_box = 1.0 - (bottom - top) * (right - left) / (h * w)
+        lam = torch.where(use_cutmix, lam_box, lam_mix)
+        return {"use_cutmix": use_cutmix, "lam": lam, "box": box.view(1, 1, h, w)}
 
+    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """images (B, C, H, W) float, labels (B,) int64 -> (mixed images, (B, num_classes) float32 targets)."""
+        d = self.draw(images.shape, generator)
+        lam = d["lam"].to(images.dtype)
+        weight = torch.where(d["use_cutmix"], (~d["box"]).to(images.dtype), lam)  # share of the image itself
+        mixed = torch.lerp(images.flip(0), images, weight)   # exact at weights 0 and 1 (CutMix)
+        one_hot = torch.zeros(labels.shape[0], self.num_classes, device=labels.device, dtype=torch.float32)
+        one_hot.scatter_(1, labels.view(-1, 1), 1.0)
+        lam = d["lam"].to(torch.float32)
+        return mixed, one_hot * lam + one_hot.flip(0) * (1 - lam)
 
-@contextmanager
-def _single_cpu_thread(device: torch.device):
-    """Per-image ops are tiny: intra-op threads only add sync cost, and next to FFCV's numba threads the
-    oversubscription slowed RandAugment on CPU by >10x (measured)."""
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    def _device_constants(self, h: int, w: int, device: torch.device):
+        key = (h, w, device)
+        if key not in self._constants:
+            alphas = torch.tensor([[self.mixup_alpha or 1.0] * 2, [self.cutmix_alpha or 1.0] * 2],
+                                  dtype=torch.float64, device=device)
+            self._constants[key] = (alphas, torch.arange(h, dtype=torch.float64, device=device),
+                                    torch.arange(w, dtype=torch.float64, device=device))
+        return self._constants[key]
 
 
 # --------------------------------------------------------------------------------------- batch augment
 class BatchAugment:
     """`Loaders.batch_augment`: (normalised images, int labels) -> (images, targets) on the images' device.
 
-    `per_sample=True` (FFCV path) also applies RandAugment and RandomErasing image by image: RandAugment on
-    uint8 (denormalise -> round -> op -> renormalise, so posterize/solarize/equalize behave as on PIL).
-    Randomness is seeded from (seed, epoch, rank, call index) under `fork_rng`: the global RNG is untouched.
+    MixUp/CutMix when the recipe has them (targets become (B, num_classes) probabilities), else a pass-through.
+    Draws are a function of (seed, epoch, rank, step); `set_epoch(epoch, step)` positions them (a run resumed
+    mid-epoch passes the step it resumes at).
     """
 
-    def __init__(self, aug: AugmentSettings | None, num_classes: int, *, mean: Sequence[float],
-                 std: Sequence[float], per_sample: bool, seed: int = 0, rank: int = 0):
-        self.mix = build_mix(aug, num_classes)
-        spec = parse_rand_augment(aug.rand_augment) if (aug and per_sample) else None
-        self.rand_augment = TimmRandAugment(spec, fill=fill_from_mean(mean)) if spec else None
-        erase_p = aug.random_erasing if (aug and per_sample) else 0.0
-        self.erase_p = erase_p
-        self.erase = random_erasing(1.0) if erase_p > 0 else None
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    def __init__(self, aug: AugmentSettings | None, num_classes: int, *, seed: int = 0, rank: int = 0):
+        on = aug is not None and (aug.mixup > 0 or aug.cutmix > 0)
+        self.mix = (MixupCutmix(aug.mixup, aug.cutmix, switch_prob=aug.mixup_switch_prob, num_classes=num_classes)
+                    if on else None)
         self.seed, self.rank = seed, rank
-        self.epoch, self.calls = 0, 0
+        self.epoch, self.step = 0, 0
+        self._generators = Generators()
 
     @property
     def is_identity(self) -> bool:
-        return self.mix is None and self.rand_augment is None and self.erase is None
+        return self.mix is None
 
     def set_epoch(self, epoch: int, step: int = 0) -> None:
         """Draws of epoch `epoch` from batch `step` on (a run resumed mid-epoch starts past step 0)."""
-        self.epoch, self.calls = epoch, step
+        self.epoch, self.step = epoch, step
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        if self.is_identity:
+        if self.mix is None:
             return images, labels
-        seed = mix_seed(self.seed, self.epoch, self.rank, self.calls)
-        self.calls += 1
-        devices = [images.device] if images.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type="cuda"):
-            seed_generators(seed, images.device)
-            if self.rand_augment is not None:
-                images = self._rand_augment(images)
-            if self.erase is not None:
-                images = self._erase(images)
-            if self.mix is not None:
-                images, labels = self.mix(images, labels)
-        return images, labels
-
-    def _rand_augment(self, images: Tensor) -> Tensor:
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        pixels = (images * std + mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
-        with _single_cpu_thread(images.device):
-            pixels = torch.stack([self.rand_augment(img) for img in pixels])
-        return (pixels.float().div_(255) - mean) / std
-
-    def _erase(self, images: Tensor) -> Tensor:
-        chosen = (torch.rand(len(images)) < self.erase_p).nonzero().flatten().tolist()
-        if not chosen:
-            return images
-        images = images.clone()  # FFCV hands out views of reused buffers: never write into them
-        for i in chosen:
-            images[i] = self.erase(images[i])
-        return images
+        generator = self._generators.seeded(images.device, mix_seed(self.seed, self.epoch, self.rank, self.step))
+        self.step += 1
+        return self.mix(images, labels, generator)

@@ -6,14 +6,15 @@ splits (a train/val folder, a named dataset, digits) or `out/x.beton` for a plai
 each with a `<file>.json` sidecar holding the class names. Writes are atomic: a temp file in the same
 folder, renamed at the end, removed on any failure.
 
-Loaders (see `ffcv_loaders`): decoding, crop, flip and normalisation run in FFCV's compiled (numba)
-pipeline, all compiled ops first (on CPU, compiled -> plain -> compiled hangs in `Loader.__init__`). The
+Loaders (see `ffcv_loaders`): decoding, crop and flip run in FFCV's compiled (numba) pipeline into uint8
+batches; RandAugment, normalisation and erasing then run batched on the batch's device (`ImagePipeline`). The
 `Loader` objects live as long as `Loaders` (re-creating them leaks memory, ffcv issues 345/393). An epoch
 cut short is stopped with `stop_epoch_iterator`, which lets FFCV's worker thread finish: leaving it running
 makes the process abort at exit (code 134) in a good share of runs.
 
 Determinism: the order is a pure function of (seed, epoch, rank); the crop/flip draws come from numba's
-per-thread generators and are not reproducible. `batch_augment` (MixUp/CutMix/RandAugment/erasing) is.
+per-thread generators and are not reproducible; the `ImagePipeline` (RandAugment/erasing) and `batch_augment`
+(MixUp/CutMix) draws are, from (seed, epoch, rank, step).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -29,81 +31,61 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tntcli.data.augment import IMAGE_STREAM, ImagePipeline, mix_seed
+from tntcli.data.beton import beton_pair, reader, require_ffcv, sidecar_path
 from tntcli.errors import TntError
 
-INSTALL_HINT = ("the ffcv extra is not installed: run `make ffcv` (apt-get install pkg-config libturbojpeg0-dev "
-                "libopencv-dev, then pip install ffcv)")
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
+DEFAULT_MAX_RESOLUTION = 500   # ffcv-imagenet's longest side for ImageNet
+DEFAULT_PAGE_SIZE = 1 << 23    # ffcv's DatasetWriter default (8 MiB)
+_PAGE_OVERFLOW = re.compile(r"Tried allocating (\d+) but page size is (\d+)")
 _STOP_TIMEOUT_S = 60.0
 
 
-def ffcv_available() -> bool:
-    try:
-        import ffcv  # noqa: F401
-        from ffcv.loader import Loader  # noqa: F401  (imports numba + the compiled extension)
-    except Exception:  # ImportError, or a broken native build
-        return False
-    return True
-
-
-def require_ffcv() -> None:
-    if not ffcv_available():
-        raise TntError(INSTALL_HINT)
-
-
-# ------------------------------------------------------------------------------------------ metadata
-def sidecar_path(beton: Path) -> Path:
-    return beton.with_name(beton.name + ".json")
-
-
-def beton_classes(beton: Path) -> list[str]:
-    """Class names from the sidecar, else "0".."K-1" from the labels stored in the file."""
-    sidecar = sidecar_path(beton)
-    if sidecar.is_file():
-        return list(json.loads(sidecar.read_text())["classes"])
-    reader = _reader(beton)
-    labels = reader.metadata["label"] if "label" in reader.field_names else np.zeros(1, dtype=np.int64)
-    return [str(i) for i in range(int(labels.max()) + 1)]
-
-
-def _reader(beton: Path):
-    from ffcv.reader import Reader
-
-    try:
-        return Reader(str(beton))
-    except Exception as err:
-        raise TntError(f"{beton} is not a readable .beton file ({type(err).__name__}: {err})") from None
-
-
 # ------------------------------------------------------------------------------------------- writing
-def write_beton(src: str, out: str | os.PathLike, *, max_resolution: int | None = None, jpeg_quality: int = 90,
-                compress_probability: float = 0.5, write_mode: str = "proportion", num_workers: int | None = None,
-                progress: bool = True, data_root: str | None = None, strict: bool = False) -> list[Path]:
+def write_beton(src: str, out: str | os.PathLike, *, max_resolution: int | None = DEFAULT_MAX_RESOLUTION,
+                jpeg_quality: int = 90, compress_probability: float = 0.5, write_mode: str = "proportion",
+                num_workers: int | None = None, progress: bool = True, data_root: str | None = None,
+                strict: bool = False, overwrite: bool = False) -> list[Path]:
     """Write `src` (ImageFolder root, class-folder root, named dataset or digits) to .beton; return the files.
 
-    Defaults follow ffcv-imagenet except `max_resolution` (they used 500 for ImageNet; None keeps sizes).
+    Defaults follow ffcv-imagenet: longest side at most 500 px (`max_resolution`; None or 0 keeps sizes),
+    proportion mode with half the images JPEG-compressed at quality 90. The page size is chosen so that the
+    largest raw image fits (`page_size_for`). Existing files are refused unless `overwrite`.
     """
-    from tntcli.data.sources import beton_pair
-
     out = Path(out).expanduser()
     if out.suffix != ".beton":
         raise TntError(f"output {out} must end with .beton")
     if write_mode not in WRITE_MODES:
         raise TntError(f"write_mode {write_mode!r}: expected one of {', '.join(WRITE_MODES)}")
+    if max_resolution is not None and max_resolution < 0:
+        raise TntError(f"--max-resolution {max_resolution}: give a longest side in pixels, or 0 to keep sizes")
     splits = _source_splits(src, data_root, strict)  # user mistakes first: importing ffcv takes seconds
+    targets = beton_pair(out) if len(splits) == 2 else (out,)
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise TntError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
     require_ffcv()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TntError(f"cannot create output folder {out.parent}: {err.strerror}") from None
-    targets = beton_pair(out) if len(splits) == 2 else (out,)
     written = []
     for (_, dataset, classes), path in zip(splits, targets):
-        fields = _fields(write_mode, max_resolution, jpeg_quality, compress_probability)
+        fields = _fields(write_mode, max_resolution or None, jpeg_quality, compress_probability)
         _write_atomic(dataset, classes, path, fields, num_workers or os.cpu_count() or 1,
-                      label=path.name if progress else None)
+                      label=path.name if progress else None, page_size=page_size_for(max_resolution))
         written.append(path)
     return written
+
+
+def page_size_for(max_resolution: int | None) -> int:
+    """FFCV's page size (a power of two, >= its 8 MiB default) that holds a raw RGB image of
+    `max_resolution` x `max_resolution`; the default when sizes are kept (None/0)."""
+    if not max_resolution:
+        return DEFAULT_PAGE_SIZE
+    need = max_resolution * max_resolution * 3 + (1 << 16)   # + room for the sample's own header
+    return max(DEFAULT_PAGE_SIZE, 1 << (need - 1).bit_length())
 
 
 def _source_splits(src: str, data_root: str | None, strict: bool) -> list[tuple[str, Sequence, list[str]]]:
@@ -147,11 +129,13 @@ def _load_item(dataset, index: int):
     return np.asarray(img, dtype=np.uint8), int(label)
 
 
-def _write_atomic(dataset, classes: list[str], path: Path, fields: dict, num_workers: int, label: str | None):
+def _write_atomic(dataset, classes: list[str], path: Path, fields: dict, num_workers: int, label: str | None,
+                  page_size: int = DEFAULT_PAGE_SIZE):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp_meta = sidecar_path(tmp)
     try:
-        writer = _writer_class()(str(tmp), fields, num_workers=num_workers, progress_label=label)
+        writer = _writer_class()(str(tmp), fields, num_workers=num_workers, progress_label=label,
+                                 page_size=page_size)
         writer.from_indexed_dataset(_Items(dataset), chunksize=64)
         tmp_meta.write_text(json.dumps({"classes": list(classes), "num_samples": len(dataset)}))
         os.replace(tmp, path)
@@ -159,6 +143,15 @@ def _write_atomic(dataset, classes: list[str], path: Path, fields: dict, num_wor
     finally:
         for leftover in (tmp, tmp_meta):
             leftover.unlink(missing_ok=True)
+
+
+def _write_failure(name: str, error: str) -> str:
+    overflow = _PAGE_OVERFLOW.search(error)
+    if overflow:
+        size, page = (int(v) for v in overflow.groups())
+        return (f"writing {name} failed: an image needs {size:,} bytes but a .beton page holds {page:,}; pass "
+                f"--max-resolution (ImageNet: {DEFAULT_MAX_RESOLUTION}) to store large images smaller")
+    return f"writing {name} failed: {error}"
 
 
 def _guarded_worker(work_fn, errors, *args) -> None:
@@ -177,8 +170,8 @@ def _writer_class():
         """ffcv's DatasetWriter with a rich progress bar, and errors instead of a hang when a worker fails
         (the original waits forever for samples a dead worker will never write)."""
 
-        def __init__(self, fname, fields, num_workers, progress_label):
-            super().__init__(fname, fields, num_workers=num_workers)
+        def __init__(self, fname, fields, num_workers, progress_label, page_size=DEFAULT_PAGE_SIZE):
+            super().__init__(fname, fields, num_workers=num_workers, page_size=page_size)
             self.progress_label = progress_label
 
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
@@ -221,7 +214,7 @@ def _writer_class():
                 task = bar.add_task(f"writing {self.progress_label}", total=self.num_samples)
                 while done.value < self.num_samples:
                     try:
-                        raise TntError(f"writing {self.progress_label or self.fname} failed: {errors.get_nowait()}")
+                        raise TntError(_write_failure(self.progress_label or self.fname, errors.get_nowait()))
                     except queue.Empty:
                         pass
                     codes = [p.exitcode for p in procs]
@@ -277,21 +270,21 @@ def _next_batch(iterator):
 class FfcvLoader:
     """One FFCV `Loader`, reused every epoch. Batches are `(float32 NCHW normalised, int64)` on `device`.
 
-    On CPU the images are channels-last views of FFCV's reused buffers: use (or copy) a batch before fetching
-    a few more. On GPU the uint8 batch is moved first and normalised there.
+    FFCV decodes, crops and flips into uint8 (B, H, W, 3) buffers (on CUDA: copied to the GPU as uint8);
+    `pipeline` (an `ImagePipeline`: RandAugment + normalisation + erasing, or normalisation alone) then runs
+    on the whole batch on `device`, its draws seeded from (seed, epoch, rank, step).
     """
 
-    def __init__(self, loader, device: torch.device, mean: Sequence[float], std: Sequence[float]):
-        self.loader, self.device = loader, device
-        self.gpu_normalize = device.type == "cuda"
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+    def __init__(self, loader, device: torch.device, pipeline, *, seed: int = 0, rank: int = 0):
+        self.loader, self.device, self.pipeline = loader, device, pipeline
+        self.seed, self.rank, self.epoch_index = seed, rank, 0
         self._live = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch_index = epoch
         self.loader.next_epoch = epoch  # FFCV orders by (seed + epoch), or DistributedSampler.set_epoch
 
     def __iter__(self):
@@ -311,16 +304,12 @@ class FfcvLoader:
                     finished = True
                     break
                 images, labels = batch
-                yield self._finish(images), labels
+                seed = mix_seed(self.seed, self.epoch_index, self.rank, step, IMAGE_STREAM)
+                yield self.pipeline(images, seed), labels   # reads FFCV's reused buffer, returns a new tensor
         finally:
             if not finished:
                 stop_epoch_iterator(iterator)
             self._live = None
-
-    def _finish(self, images: torch.Tensor) -> torch.Tensor:
-        if self.gpu_normalize:
-            return (images.float() - self.mean) / self.std
-        return images
 
     def close(self) -> None:
         if self._live is not None:
@@ -328,13 +317,14 @@ class FfcvLoader:
             self._live = None
 
 
-def _image_pipeline(decoder, ops: list, device: torch.device, mean, std) -> list:
-    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+def _image_pipeline(decoder, ops: list, device: torch.device) -> list:
+    """FFCV's compiled decode/crop/flip first, then plain ops (on CPU, compiled -> plain -> compiled hangs);
+    uint8 NCHW out (a channels-last view of FFCV's buffer), on `device`."""
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-    if device.type == "cuda":  # uint8 over the bus, normalised on the GPU by FfcvLoader
+    if device.type == "cuda":
         return [decoder, *ops, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
-    normalize = NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32)
-    return [decoder, *ops, normalize, ToTensor(), ToTorchImage()]  # compiled ops first, then plain ones
+    return [decoder, *ops, ToTensor(), ToTorchImage()]
 
 
 def _label_pipeline(device: torch.device) -> list:
@@ -362,8 +352,9 @@ def _ra_order(repeats: int, world: int, rank: int, seed: int):
 
 def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, std, crop_pct: float,
                  aug, distributed: bool, repeated_aug: int, device: torch.device, seed: int, drop_last: bool,
-                 max_train_images: int | None):
-    """(train, val, n_train, n_val) FfcvLoaders for an FFCV `DataSource`."""
+                 max_train_images: int | None, eval_only: bool = False):
+    """(train, val, n_train, n_val) FfcvLoaders for an FFCV `DataSource`. `eval_only`: train is the val loader
+    (no train `Loader` is built, its file is not opened)."""
     require_ffcv()
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -373,17 +364,26 @@ def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, 
 
     world, rank = world_and_rank(distributed)
     size = (img_size, img_size)
-    n_train, n_val = int(_reader(source.train_path).num_samples), int(_reader(source.val_path).num_samples)
 
     def center_crop():
         return CenterCropRGBImageDecoder(size, ratio=crop_pct)
 
+    n_val = int(reader(source.val_path).num_samples)
+    val = FfcvLoader(Loader(str(source.val_path), batch_size=batch_size, num_workers=workers,
+                            order=OrderOption.SEQUENTIAL, indices=np.arange(rank, n_val, world), drop_last=False,
+                            pipelines={"image": _image_pipeline(center_crop(), [], device),
+                                       "label": _label_pipeline(device)}),
+                     device, ImagePipeline(None, mean=mean, std=std))
+    if eval_only:
+        return val, val, n_val, n_val
+    n_train = int(reader(source.train_path).num_samples)
+
     if aug is None:
-        train_image = _image_pipeline(center_crop(), [], device, mean, std)
+        train_image = _image_pipeline(center_crop(), [], device)
     else:
         flip = [RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else []
         train_image = _image_pipeline(RandomResizedCropRGBImageDecoder(size, scale=tuple(aug.scale)), flip,
-                                      device, mean, std)
+                                      device)
     train_indices = None
     if max_train_images is not None and max_train_images < n_train:
         train_indices = np.sort(np.random.default_rng(seed).permutation(n_train)[:max_train_images])
@@ -395,8 +395,5 @@ def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, 
     if use_ra:  # ffcv's constructor takes no order class with arguments: swap it in afterwards
         train.traversal_order = _ra_order(repeated_aug, world, rank, seed)(train)
         train.first_traversal_order = train.next_traversal_order()
-    val = Loader(str(source.val_path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
-                 indices=np.arange(rank, n_val, world), drop_last=False,
-                 pipelines={"image": _image_pipeline(center_crop(), [], device, mean, std),
-                            "label": _label_pipeline(device)})
-    return (FfcvLoader(train, device, mean, std), FfcvLoader(val, device, mean, std), n_train, n_val)
+    return (FfcvLoader(train, device, ImagePipeline(aug, mean=mean, std=std), seed=seed, rank=rank), val,
+            n_train, n_val)

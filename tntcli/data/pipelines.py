@@ -1,9 +1,15 @@
-"""The torchvision path: transforms v2 train/val pipelines, samplers (incl. DeiT's RASampler), DataLoaders.
+"""The torchvision path: PIL crop/flip per sample, the batched `ImagePipeline` per batch, samplers, DataLoaders.
+
+Per sample (in the workers): decode, RandomResizedCrop (bilinear or bicubic per call with
+`aug.interpolation="random"`, timm's default) and flip on PIL, then an uint8 tensor. Per batch (the collate
+function, also in the workers): `ImagePipeline` = RandAugment + normalisation + random erasing on the uint8
+batch, the same code the FFCV path runs on its device.
 
 Determinism: the train sampler yields `(index, sample_seed)` pairs; the dataset wrapper seeds the torch RNG
-with `sample_seed` before transforming that sample. Seeds and order are a pure function of
-(seed, epoch, rank, position in the epoch), so a batch does not depend on the number of workers and
-repeated samples (RASampler) still get different augmentations.
+with `sample_seed` before cropping that sample, and the collate seeds the batch's `ImagePipeline` with the
+first sample's seed. Seeds and order are a pure function of (seed, epoch, rank, position in the epoch), so a
+batch does not depend on the number of workers and repeated samples (RASampler) still get different
+augmentations.
 """
 from __future__ import annotations
 
@@ -16,14 +22,7 @@ from torch.utils.data import DataLoader, Sampler, get_worker_info
 from torchvision.transforms import v2
 
 from tntcli.config import AugmentSettings
-from tntcli.data.augment import (
-    TimmRandAugment,
-    fill_from_mean,
-    mix_seed,
-    mix_seeds,
-    parse_rand_augment,
-    random_erasing,
-)
+from tntcli.data.augment import IMAGE_STREAM, ImagePipeline, mix_seed, mix_seeds
 from tntcli.errors import TntError
 
 INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
@@ -38,35 +37,39 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
 
 
 # ----------------------------------------------------------------------------------------- transforms
-def _to_normalized_tensor(mean, std) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-
-
-def eval_transform(img_size: int, *, crop_pct: float, interpolation: str, mean, std) -> v2.Compose:
-    """Resize the short side to img_size / crop_pct, center crop img_size (timm's eval transform)."""
+def eval_transform(img_size: int, *, crop_pct: float, interpolation: str) -> v2.Compose:
+    """Resize the short side to img_size / crop_pct, center crop img_size (timm's eval transform); uint8."""
     resize = int(math.floor(img_size / crop_pct))
     return v2.Compose([v2.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
-                       v2.CenterCrop(img_size), *_to_normalized_tensor(mean, std)])
+                       v2.CenterCrop(img_size), v2.PILToTensor()])
 
 
-def train_transform(img_size: int, aug: AugmentSettings, *, interpolation: str, mean, std) -> v2.Compose:
-    """Per-sample train augmentation on PIL: RandomResizedCrop, flip, RandAugment, normalise, RandomErasing."""
-    steps: list = [v2.RandomResizedCrop(img_size, scale=tuple(aug.scale),
-                                        interpolation=interpolation_mode(interpolation), antialias=True)]
+class RandomResizedCrop:
+    """RandomResizedCrop whose interpolation is drawn per call from `modes` (timm's 'random': bilinear or
+    bicubic), with the torch RNG like the rest of the per-sample transform."""
+
+    def __init__(self, size: int, scale: tuple[float, float], modes: Sequence[str]):
+        self.crops = [v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interpolation_mode(m),
+                                           antialias=True) for m in modes]
+
+    def __call__(self, img):
+        pick = int(torch.randint(len(self.crops), ())) if len(self.crops) > 1 else 0
+        return self.crops[pick](img)
+
+
+def train_transform(img_size: int, aug: AugmentSettings) -> v2.Compose:
+    """Per-sample train augmentation on PIL: RandomResizedCrop, flip; uint8 out (the rest is per batch)."""
+    modes = ("bilinear", "bicubic") if aug.interpolation == "random" else (aug.interpolation,)
+    steps: list = [RandomResizedCrop(img_size, tuple(aug.scale), modes)]
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
-    spec = parse_rand_augment(aug.rand_augment)
-    if spec:
-        steps.append(TimmRandAugment(spec, fill=fill_from_mean(mean)))
-    steps += _to_normalized_tensor(mean, std)
-    if aug.random_erasing > 0:
-        steps.append(random_erasing(aug.random_erasing))
-    return v2.Compose(steps)
+    return v2.Compose([*steps, v2.PILToTensor()])
 
 
 class SeededDataset:
-    """Applies `transform` to `dataset[i]`'s image. A `(index, seed)` key seeds the torch RNG first: in a
-    worker its private RNG, in the main process under `fork_rng` so the caller's RNG is left alone."""
+    """Applies `transform` to `dataset[i]`'s image -> (uint8 image, label, seed). A `(index, seed)` key seeds
+    the torch RNG first: in a worker its private RNG, in the main process under `fork_rng` so the caller's
+    RNG is left alone. A plain index gets seed 0 (eval: nothing random)."""
 
     def __init__(self, dataset, transform):
         self.dataset = dataset
@@ -78,15 +81,28 @@ class SeededDataset:
     def __getitem__(self, key):
         if not isinstance(key, tuple):
             img, label = self.dataset[key]
-            return self.transform(img), label
+            return self.transform(img), label, 0
         index, seed = key
         img, label = self.dataset[index]
         if get_worker_info() is not None:
             torch.random.default_generator.manual_seed(seed)
-            return self.transform(img), label
+            return self.transform(img), label, seed
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
-            return self.transform(img), label
+            return self.transform(img), label, seed
+
+
+class Collate:
+    """Stack (uint8 image, label, seed) samples and run the batch's `ImagePipeline`, seeded from the first
+    sample's seed (tagged, so its stream differs from that sample's crop): (float32 (B, 3, H, W), int64 (B,))."""
+
+    def __init__(self, pipeline: ImagePipeline):
+        self.pipeline = pipeline
+
+    def __call__(self, batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, seeds = zip(*batch)
+        images = torch.stack([img.as_subclass(torch.Tensor) for img in images])
+        return self.pipeline(images, mix_seed(int(seeds[0]), IMAGE_STREAM)), torch.tensor(labels, dtype=torch.int64)
 
 
 # ------------------------------------------------------------------------------------------- samplers
@@ -221,21 +237,16 @@ class DeviceLoader:
         self.loader._iterator = None
 
 
-def _collate(batch: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = zip(*batch)
-    return torch.stack(images).as_subclass(torch.Tensor), torch.tensor(labels, dtype=torch.int64)
-
-
 def subset(dataset, count: int, seed: int) -> torch.utils.data.Subset:
     """`count` samples drawn at random (a fixed function of seed), so sorted folders keep all classes."""
     picked = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:count])
     return torch.utils.data.Subset(dataset, picked.tolist())
 
 
-def make_loader(dataset, sampler: Sampler, *, batch_size: int, workers: int, device: torch.device,
-                drop_last: bool) -> DeviceLoader:
+def make_loader(dataset, sampler: Sampler, collate: Collate, *, batch_size: int, workers: int,
+                device: torch.device, drop_last: bool) -> DeviceLoader:
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=drop_last,
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=drop_last,
                         persistent_workers=workers > 0)
     return DeviceLoader(loader, device)
 
@@ -246,16 +257,17 @@ def torchvision_loaders(source, *, img_size: int, batch_size: int, workers: int,
                         max_train_images: int | None) -> tuple[DeviceLoader, DeviceLoader, int, int]:
     """(train, val, n_train, n_val) DeviceLoaders for a map-style `DataSource`."""
     world, rank = world_and_rank(distributed)
-    val_tf = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
-    train_tf = (train_transform(img_size, aug, interpolation=interpolation, mean=mean, std=std)
-                if aug is not None else val_tf)
+    val_tf = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)
+    train_tf = train_transform(img_size, aug) if aug is not None else val_tf
     train_set = source.train
     if max_train_images is not None and max_train_images < len(train_set):
         train_set = subset(train_set, max_train_images, seed)
     sampler = SeededSampler(train_sampler(len(train_set), world=world, rank=rank, repeated_aug=repeated_aug,
                                           seed=seed), seed, rank)
-    train = make_loader(SeededDataset(train_set, train_tf), sampler, batch_size=batch_size, workers=workers,
-                        device=device, drop_last=drop_last)
+    train = make_loader(SeededDataset(train_set, train_tf), sampler,
+                        Collate(ImagePipeline(aug, mean=mean, std=std, grouped=True)), batch_size=batch_size,
+                        workers=workers, device=device, drop_last=drop_last)
     val = make_loader(SeededDataset(source.val, val_tf), ShardSampler(len(source.val), world, rank),
-                      batch_size=batch_size, workers=workers, device=device, drop_last=False)
+                      Collate(ImagePipeline(None, mean=mean, std=std)), batch_size=batch_size, workers=workers,
+                      device=device, drop_last=False)
     return train, val, len(train_set), len(source.val)

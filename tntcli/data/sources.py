@@ -12,7 +12,8 @@ Accepted values, tried in this order:
 3. `cifar10`, `cifar100`, `flowers102`, `pets` -> torchvision datasets under `data_root` (default `./data`),
    downloaded when missing and the network allows.
 4. a folder with `train/` and `val/` ImageFolder subfolders (`<split>/<class>/<image>`); both splits must
-   list the same classes.
+   list the same classes. For evaluation (`eval_only`) `val/` alone will do, or a `<class>/<image>` root
+   (as timm's validate.py), and `X.beton` needs only `X-val.beton`.
 
 Image files are checked when the source is resolved (header + JPEG/PNG end marker, a full decode only for
 suspicious files); unreadable ones are skipped with one warning that names them and counts them, or raise
@@ -22,6 +23,7 @@ suspicious files); unreadable ones are skipped with one warning that names them 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from tntcli.errors import TntError
+from tntcli.data.beton import beton_classes, beton_pair, require_ffcv
+from tntcli.errors import TntError, TntWarning
 
 NAMED_DATASETS = ("cifar10", "cifar100", "flowers102", "pets")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -73,7 +76,7 @@ def resolve_source(data: str, data_root: str | None = None, *, strict: bool = Fa
         raise TntError("--data is empty: give a folder with train/ and val/, a .beton, digits or one of "
                        + ", ".join(NAMED_DATASETS))
     if data.endswith(".beton"):
-        return _beton_source(data)
+        return _beton_source(data, eval_only=eval_only)
     if data.lower() == "digits":
         return digits_source()
     if data.lower() in NAMED_DATASETS:
@@ -153,7 +156,8 @@ class ImageFileDataset:
             except Exception as err:
                 if self.strict:
                     raise TntError(f"unreadable image {path}: {err}") from None
-                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {path} ({err}); --strict makes this an error",
+                              TntWarning, stacklevel=2)
         raise TntError("no readable image left in the dataset")
 
 
@@ -164,22 +168,26 @@ def list_class_folders(split_dir: Path) -> list[str]:
 def scan_class_folders(split_dir: Path, *, strict: bool = False,
                        classes: list[str] | None = None) -> tuple[ImageFileDataset, list[str]]:
     """ImageFolder-style scan of `split_dir/<class>/<file>` with every file checked. Returns the dataset and
-    the skipped files (relative to split_dir's parent). Empty classes raise `TntError`."""
+    the skipped files (relative to split_dir's parent). Empty classes raise `TntError`.
+
+    Large folders (>= MANIFEST_MIN_FILES files) keep the check's result in a manifest under the user cache
+    (`scan_cache_dir()`), keyed by the listing (every file's path, size and mtime): the next start-up with an
+    unchanged folder stats the files instead of opening them."""
     classes = classes if classes is not None else list_class_folders(split_dir)
     if not classes:
         raise TntError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
-    files: list[tuple[Path, int]] = []
+    files: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        entries = sorted(p for p in (split_dir / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        entries = sorted(_files_under(split_dir / name))
         if not entries:
             raise TntError(f"class folder {split_dir / name} is empty")
         files.extend((p, label) for p in entries)
 
-    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: threads overlap the opens
-        problems = list(pool.map(_file_problem, (p for p, _ in files)))
+    paths = [p for p, _ in files]
+    problems = _checked_problems(split_dir, paths)
     base = split_dir.parent
-    skipped = [f"{p.relative_to(base)} ({why})" for (p, _), why in zip(files, problems) if why]
-    samples = [(str(p), label) for (p, label), why in zip(files, problems) if not why]
+    skipped = [f"{os.path.relpath(p, base)} ({why})" for p, why in zip(paths, problems) if why]
+    samples = [(p, label) for (p, label), why in zip(files, problems) if not why]
     if skipped and strict:
         raise TntError(f"{len(skipped)} unreadable image file(s) under {split_dir}: "
                        + "; ".join(skipped[:_WARN_LIST_MAX]))
@@ -190,18 +198,78 @@ def scan_class_folders(split_dir: Path, *, strict: bool = False,
     return ImageFileDataset(samples, classes, strict), skipped
 
 
-def _file_problem(path: Path) -> str | None:
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return f"not an image file type ({path.suffix or 'no extension'})"
-    return check_image(path)
+def _files_under(folder: Path) -> list[str]:
+    """Every non-hidden file below `folder` (os.scandir: no stat per entry)."""
+    out, stack = [], [str(folder)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    out.append(entry.path)
+    return out
+
+
+MANIFEST_MIN_FILES = 5000
+
+
+def scan_cache_dir() -> Path:
+    """Where folder-scan manifests live: $TNT_CACHE_DIR, else $XDG_CACHE_HOME/tnt, else ~/.cache/tnt."""
+    root = os.environ.get("TNT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tnt"
+    return Path(root) / "folder-scans"
+
+
+def _checked_problems(split_dir: Path, paths: list[str]) -> list[str | None]:
+    """`_file_problem` of every path, from a manifest when the listing is unchanged."""
+    if len(paths) < MANIFEST_MIN_FILES:
+        return _check_all(paths)
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(str(split_dir.resolve()).encode())
+    listing = []
+    for path in paths:             # a stat is ~100x cheaper than opening the file (page-cached metadata)
+        st = os.stat(path)
+        listing.append(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    digest.update("".join(listing).encode())
+    manifest = scan_cache_dir() / f"{digest.hexdigest()}.json"
+    try:
+        known = json.loads(manifest.read_text())
+        return [known.get(p) for p in paths]
+    except (OSError, ValueError):
+        pass
+    problems = _check_all(paths)
+    try:
+        from tntcli.fsio import atomic_write_text
+
+        atomic_write_text(manifest, json.dumps({p: why for p, why in zip(paths, problems) if why}))
+    except OSError:
+        pass  # a read-only home only costs the next start-up its scan
+    return problems
+
+
+def _check_all(paths: list[str]) -> list[str | None]:
+    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: threads overlap the opens
+        return list(pool.map(_file_problem, paths))
+
+
+def _file_problem(path: str) -> str | None:
+    suffix = os.path.splitext(path)[1]
+    if suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file type ({suffix or 'no extension'})"
+    return check_image(Path(path))
 
 
 def warn_skipped(skipped: list[str], where: str) -> None:
+    """One `TntWarning` naming the files left out (the first ten) and the `--strict` flag."""
     if not skipped:
         return
     shown = "; ".join(skipped[:_WARN_LIST_MAX]) + ("; ..." if len(skipped) > _WARN_LIST_MAX else "")
-    warnings.warn(f"skipped {len(skipped)} unreadable file(s) under {where} (strict=True makes this an error): "
-                  f"{shown}", stacklevel=3)
+    warnings.warn(f"left out {len(skipped)} unreadable file(s) under {where} (--strict makes this an error): "
+                  f"{shown}", TntWarning, stacklevel=3)
 
 
 def folder_source(data: str, *, strict: bool = False, eval_only: bool = False) -> DataSource:
@@ -213,6 +281,8 @@ def folder_source(data: str, *, strict: bool = False, eval_only: bool = False) -
         raise TntError(f"--data {data} is a file; expected a folder with train/ and val/ or a .beton")
     if not any(root.iterdir()):
         raise TntError(f"--data {data} is an empty folder; expected {data}/train/<class>/* and {data}/val/<class>/*")
+    if eval_only:
+        return _eval_folder_source(data, root, strict)
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise TntError(f"--data {data} has no {' or '.join(s + '/' for s in missing)} subfolder; "
@@ -230,6 +300,17 @@ def folder_source(data: str, *, strict: bool = False, eval_only: bool = False) -
     skipped = skipped_train + skipped_val
     warn_skipped(skipped, str(root))
     return DataSource("folder", data, train_classes, train=train, val=val, skipped=skipped)
+
+
+def _eval_folder_source(data: str, root: Path, strict: bool) -> DataSource:
+    """Evaluation data as timm's validate.py takes it: `root/val/<class>/*` (train/ may be absent and is never
+    read), or `root/<class>/*` itself."""
+    split = root / "val" if (root / "val").is_dir() else root
+    if split == root and (root / "train").is_dir():
+        raise TntError(f"--data {data} has train/ but no val/ subfolder; evaluation reads {data}/val/<class>/*")
+    val, skipped = scan_class_folders(split, strict=strict)
+    warn_skipped(skipped, str(root))
+    return DataSource("folder", data, val.classes, train=val, val=val, skipped=skipped)
 
 
 # ------------------------------------------------------------------------------------------------ digits
@@ -305,6 +386,17 @@ def _class_names(name: str, dataset) -> list[str]:
     return [str(i) for i in range(max(labels) + 1)] if labels else []
 
 
+def _missing_parents(folder: Path) -> list[Path]:
+    """The outermost of `folder` and its ancestors that does not exist yet (what mkdir(parents=True) would
+    create), as a list of zero or one path."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = [path]
+    return missing
+
+
 def torchvision_source(name: str, root: str) -> DataSource:
     make_train, make_val, folder = _named_splits(name, root)
     expected = Path(root) / folder
@@ -313,12 +405,15 @@ def torchvision_source(name: str, root: str) -> DataSource:
     except Exception:  # not there yet: try the download (bounded, so no network means an error, not a hang)
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+        created = _missing_parents(Path(root))
         try:
             Path(root).mkdir(parents=True, exist_ok=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 train, val = make_train(True), make_val(True)
         except Exception as err:
+            for folder in created:          # leave no empty ./data (or partial download) behind
+                shutil.rmtree(folder, ignore_errors=True)
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:160]
             raise TntError(f"{name} is not at {expected} and could not be downloaded ({reason}); download it "
                            f"there by hand (torchvision layout) or pass --data-root") from None
@@ -329,20 +424,13 @@ def torchvision_source(name: str, root: str) -> DataSource:
 
 
 # ------------------------------------------------------------------------------------------------- ffcv
-def beton_pair(path: str | os.PathLike) -> tuple[Path, Path]:
-    """`X.beton` -> (`X-train.beton`, `X-val.beton`)."""
-    p = Path(path)
-    stem = p.name[: -len(".beton")]
-    return p.with_name(f"{stem}-train.beton"), p.with_name(f"{stem}-val.beton")
-
-
-def _beton_source(data: str) -> DataSource:
-    from tntcli.data.ffcv import beton_classes, require_ffcv
-
+def _beton_source(data: str, eval_only: bool = False) -> DataSource:
     require_ffcv()
     single = Path(data).expanduser()
     train, val = beton_pair(single)
-    if train.is_file() and val.is_file():
+    if eval_only and val.is_file():   # the train file is neither needed nor opened
+        train = val
+    elif train.is_file() and val.is_file():
         pass
     elif single.is_file():
         train = val = single
