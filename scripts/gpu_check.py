@@ -81,15 +81,10 @@ class Report:
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / reps * 1e3
+    """Milliseconds a call."""
+    from tntcli.backends.cuda import seconds_per_call
+
+    return seconds_per_call(fn, device, reps) * 1e3
 
 
 # ------------------------------------------------------------------------------------------- 1. SDPA probe

@@ -391,7 +391,7 @@ def test_the_fastest_cuda_candidate_is_chosen_and_a_failing_one_is_skipped(monke
         return seconds[name]
 
     timed = []
-    monkeypatch.setattr(cuda, "_time", fake_time)
+    monkeypatch.setattr(cuda, "seconds_per_call", fake_time)
     layer = TransformerLayer(8, 2)
     assert cuda.choose_inner_attention(layer, (6, 4, 8), None, training=True) == "explicit"
     assert timed == ["sdpa", "explicit", "compiled"]

@@ -130,7 +130,9 @@ def test_existing_run_folder_is_refused_unless_overwrite(finished_run, tmp_path)
     assert not (target / "keep.txt").exists() and (target / "summary.json").is_file()
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+@pytest.fixture
+def nan_at_step_6(monkeypatch):
+    """The 6th training loss (epoch 2, step 2 of the tiny run's 4-step epochs) is NaN."""
     calls = {"n": 0}
     real = torch.nn.functional.cross_entropy
 
@@ -140,26 +142,20 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
         return loss * float("nan") if calls["n"] == 6 else loss
 
     monkeypatch.setattr(step_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, nan_at_step_6):
     run = tmp_path / "nan"
     with pytest.raises(TntError, match="non-finite loss at epoch 2 step 2"):
         train(tiny_config(), out=run)
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
 
 
-def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, monkeypatch):
+def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, nan_at_step_6):
     import io
 
     from rich.console import Console
 
-    calls = {"n": 0}
-    real = torch.nn.functional.cross_entropy
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 6 else loss
-
-    monkeypatch.setattr(step_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
     log = io.StringIO()
     summary = train(tiny_config(**{"train.nan_policy": "skip"}), out=tmp_path / "skip",
                     console=Console(file=log, width=200))

@@ -87,7 +87,7 @@ def choose_inner_attention(layer: TransformerLayer, shape: tuple[int, int, int],
         candidate = copy.deepcopy(layer).train(training)
         make(candidate)
         try:
-            times[name] = _time(lambda: _step(candidate, x, dtype, training), device, reps)
+            times[name] = seconds_per_call(lambda: _step(candidate, x, dtype, training), device, reps)
         except (RuntimeError, torch.OutOfMemoryError) as err:
             log.info("inner attention candidate %s failed at %s: %s", name, shape, str(err).splitlines()[0])
     if not times:
@@ -104,7 +104,8 @@ def _step(layer: TransformerLayer, x: torch.Tensor, dtype: torch.dtype | None, t
         y.float().square().mean().backward()
 
 
-def _time(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+def seconds_per_call(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Mean seconds of `fn` over `reps` calls after one warm-up call (which compiles, where it does)."""
     fn()                                       # warm up (and compile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
