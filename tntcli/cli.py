@@ -46,6 +46,8 @@ def train(
     img_size: Optional[int] = typer.Option(None, "--img-size", min=16),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="N seeds from --seed, or a list 0,1,2: one run "
+                                        "folder each (<out>/seed-<k>), finished ones reused."),
     amp: Optional[str] = typer.Option(None, "--amp", help="auto, bf16, fp16 or off."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
@@ -66,11 +68,18 @@ def train(
                             "train.amp": amp, "train.compile": compile_, "train.max_steps": max_steps,
                             "data.strict": strict}, sets)
     if resume is not None:
-        if recipe is not None or out is not None:
-            raise TntError("--resume continues a run with its saved recipe; drop --recipe/--out")
+        if recipe is not None or out is not None or seeds is not None:
+            raise TntError("--resume continues a run with its saved recipe; drop --recipe/--out/--seeds")
         cfg = resume_config(resume, overrides)
     else:
         cfg = build_config(load_recipe(recipe), overrides)
+    if seeds is not None:
+        from tntcli import seeds as seeds_lib
+
+        summaries = seeds_lib.train_seeds(cfg, _seed_list(seeds, seed, cfg.train.seed), out or Path("runs") / (
+            f"{cfg.model.name}-seeds-{seeds_lib.config_digest(cfg, ignore_seed=True)}"), console=console)
+        console.print(f"done: {seeds_lib.seeds_line(summaries)}")
+        return
     summary = run_training(cfg, out=out, resume=resume, overwrite=overwrite, console=console)
     console.print(f"done: best top-1 {summary['best_top1']:.2f}% ({summary['best_source']}, epoch "
                   f"{summary['best_epoch']}), final top-1 {summary['final_top1']:.2f}%")
@@ -108,6 +117,15 @@ def eval_(
     else:
         console.print(f"{record['model']}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  "
                       f"loss {record['loss']:.4f}  {record['img_per_s']:.1f} img/s on {record['n_images']} images")
+
+
+def _seed_list(text: str, seed: Optional[int], first: int) -> List[int]:
+    """--seeds N counts from the recipe's (or --seed's) seed; a --seeds list names the seeds itself."""
+    from tntcli.seeds import parse_seeds
+
+    if seed is not None and "," in text:
+        raise TntError("give --seed with a --seeds count (seeds counted from it) or a --seeds list, not both")
+    return parse_seeds(text, first)
 
 
 def _floats(flag: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
@@ -159,6 +177,8 @@ def transfer(
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="N seeds from --seed, or a list 0,1,2: one run "
+                                        "folder each (<out>/seed-<k>), finished ones reused."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Linear probe: train only the new head."),
     layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="e.g. 0.75: lower lr for earlier blocks."),
     backbone_lr_scale: Optional[float] = typer.Option(None, "--backbone-lr-scale", help="lr factor, all but the head."),
@@ -168,7 +188,7 @@ def transfer(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     table: bool = typer.Option(False, "--table", help="Only write results/transfer.md|csv from runs under --runs."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where --table looks for run folders."),
-    results: Path = typer.Option(Path("results"), "--results", help="Folder for transfer.md / transfer.csv."),
+    results: Path = typer.Option(Path("runs/results"), "--results", help="Folder for transfer.md / transfer.csv."),
 ):
     """Fine-tune a pretrained TNT/DeiT on a downstream dataset: new head, resized position embedding (Table 9)."""
     from tntcli import transfer as transfer_lib
@@ -181,6 +201,15 @@ def transfer(
                             "optim.lr": lr, "data.workers": workers, "train.max_steps": max_steps, "train.seed": seed,
                             "model.freeze_backbone": freeze_backbone or None, "optim.layer_decay": layer_decay,
                             "optim.backbone_lr_scale": backbone_lr_scale}, sets)
+    if seeds is not None:
+        if resume is not None:
+            raise TntError("--resume continues one run; drop --seeds (a rerun of the --seeds command resumes)")
+        summaries = transfer_lib.run_transfer_seeds(checkpoint, _seed_list(seeds, seed, 0), recipe=recipe,
+                                                    overrides=overrides, out=out, console=console)
+        from tntcli.seeds import seeds_line
+
+        console.print(f"done: {seeds_line(summaries)}")
+        return
     summary = transfer_lib.run_transfer(checkpoint, recipe=recipe, overrides=overrides, out=out, resume=resume,
                                         overwrite=overwrite, console=console)
     console.print(transfer_lib.summary_line(summary))
@@ -198,6 +227,8 @@ def ablate(
     img_size: Optional[int] = typer.Option(None, "--img-size", min=16),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="N seeds from --seed, or a list 0,1,2: every variant "
+                                        "with each; tables give mean, std and seed-paired 95% intervals."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch."),
     sets: List[str] = typer.Option([], "--set", help="Any recipe key: --set optim.weight_decay=0.1 (repeatable)."),
     no_inner: bool = typer.Option(False, "--no-inner", help="Variant without inner transformer."),
@@ -209,9 +240,11 @@ def ablate(
     inner_heads: Optional[str] = typer.Option(None, "--inner-heads", help="Sweep of inner heads, e.g. 1,2,4,6,8."),
     words: Optional[str] = typer.Option(None, "--words", help="Sweep of words per patch, e.g. 4,16,64."),
     se: bool = typer.Option(False, "--se", help="Variant with the SE module."),
+    vs_deit: bool = typer.Option(False, "--vs-deit", help="Also the DeiT of the base's width and depth."),
     name: Optional[str] = typer.Option(None, "--name", help="Results name (default: from the flags)."),
     runs: Path = typer.Option(Path("runs/ablate"), "--runs", help="Run folders; finished ones are reused."),
-    out: Path = typer.Option(Path("results"), "--out", help="Folder for ablation-<name>.md / .csv / plots."),
+    out: Path = typer.Option(Path("runs/results"), "--out", help="Folder for ablation-<name>.md / .csv / plots "
+                             "(committed studies: results/<study>, see results/README.md)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print variants, params, GMACs and estimated time only."),
     timing_steps: int = typer.Option(3, "--timing-steps", min=1, help="Timed train steps per variant (dry run)."),
 ):
@@ -223,10 +256,12 @@ def ablate(
         {"model.name": model, "data.data": data, "data.data_root": data_root, "train.epochs": epochs,
          "data.batch_size": batch_size, "model.img_size": img_size, "data.workers": workers, "train.seed": seed,
          "train.max_steps": max_steps}, sets))
-    flags = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se)
+    flags = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se,
+                                     vs_deit)
+    seed_list = None if seeds is None else _seed_list(seeds, seed, base.train.seed)
     try:
         ablate_lib.run(base, flags, runs=runs, out=out, name=name, dry_run=dry_run, timing_steps=timing_steps,
-                       recipe=recipe, console=console)
+                       recipe=recipe, seeds=seed_list, console=console)
     except Preempted as stop:
         raise Preempted(f"{stop}; or rerun the same `tnt ablate` command to resume") from None
 
@@ -234,7 +269,8 @@ def ablate(
 @app.command("results")
 def results_(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder searched (at any depth) for run folders."),
-    out: Path = typer.Option(Path("results"), "--out", help="Folder for comparison.md / .csv / plots."),
+    out: Path = typer.Option(Path("runs/results"), "--out", help="Folder for comparison.md / .csv / plots "
+                             "(the committed ones: results/, see results/README.md)."),
 ):
     """Rebuild results/comparison.md|csv (TNT beside same-size DeiT, ours and the paper's) from run folders."""
     from tntcli.results import write_comparison

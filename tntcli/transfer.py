@@ -25,7 +25,7 @@ from tntcli.models.checkpoints import (OURS, guess_model_name, load_weights, rea
                                        unwrap_state_dict)
 from tntcli.models.registry import build_model, config_to_dict, model_config
 from tntcli.paper import paper_figures
-from tntcli.results import write_table
+from tntcli.results import data_label, folder_label, write_table
 
 # Config fields that a checkpoint does not fix for fine-tuning: the rest of a saved config is its architecture.
 _NOT_ARCH = ("img_size", "num_classes", "drop_path_rate")
@@ -99,10 +99,7 @@ def check_classes(data: str | None) -> None:
 
 def dataset_label(data: str | None) -> str:
     """`cifar10` for named datasets, the folder or file stem otherwise (for run names and tables)."""
-    data = data or "data"
-    if data.lower() in NAMED_DATASETS or data.lower() == "digits":
-        return data.lower()
-    return Path(data.rstrip("/")).name.removesuffix(".beton") or "data"
+    return data_label(data)
 
 
 def run_transfer(checkpoint: str | Path | None, *, recipe: str | None = None, overrides: dict[str, Any] | None = None,
@@ -125,6 +122,22 @@ def run_transfer(checkpoint: str | Path | None, *, recipe: str | None = None, ov
     return train(cfg, out=out, overwrite=overwrite, console=console)
 
 
+def run_transfer_seeds(checkpoint: str | Path | None, seeds: list[int], *, recipe: str | None = None,
+                       overrides: dict[str, Any] | None = None, out: Path | None = None,
+                       console=None) -> list[dict[str, Any]]:
+    """One fine-tuning run per seed in `<out>/seed-<k>` (reused when finished, resumed when interrupted); the
+    default folder is named by the config without its seed, so rerunning the command finds its runs."""
+    from tntcli.seeds import config_digest, train_seeds
+
+    if checkpoint is None:
+        raise TntError("--checkpoint is required: the pretrained weights to fine-tune")
+    cfg = transfer_config(checkpoint, recipe=recipe, overrides=overrides)
+    if out is None:
+        out = Path("runs") / f"transfer-{cfg.model.name}-{run_model_config(cfg).img_size}px-" \
+                             f"{dataset_label(cfg.data.data)}-{config_digest(cfg, ignore_seed=True)}"
+    return train_seeds(cfg, seeds, out, console=console)
+
+
 def summary_line(summary: dict[str, Any]) -> str:
     return (f"done: {summary['model']} at {summary['img_size']}px on {summary['data']} ({summary['num_classes']} "
             f"classes): final top-1 {summary['final_top1']:.2f}%, best {summary['best_top1']:.2f}% "
@@ -133,7 +146,7 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------ table
 TABLE_COLUMNS = ["model", "img_size", "dataset", "init", "paper_top1", "ours_top1", "ours_best_top1", "epochs",
-                 "status", "run"]
+                 "seed", "status", "run"]
 
 
 def paper_transfer() -> dict[str, Any]:
@@ -149,12 +162,14 @@ def _run_rows(runs_dir: Path) -> list[dict[str, Any]]:
         if not config_path.is_file():
             continue
         summary = json.loads(summary_path.read_text())
-        pretrained = (yaml.safe_load(config_path.read_text()).get("model") or {}).get("pretrained")
+        saved = yaml.safe_load(config_path.read_text()) or {}
+        pretrained = (saved.get("model") or {}).get("pretrained")
         rows.append({"model": summary["model"], "img_size": summary["img_size"],
                      "dataset": dataset_label(summary["data"]),
                      "init": "/".join(Path(pretrained).parts[-2:]) if pretrained else "scratch",
                      "ours_top1": summary.get("final_top1"), "ours_best_top1": summary.get("best_top1"),
                      "epochs": f"{summary['epochs_done']}/{summary['epochs']}", "status": summary["status"],
+                     "seed": (saved.get("train") or {}).get("seed", 0),
                      "run": str(summary_path.parent.relative_to(runs_dir))})
     return rows
 
@@ -195,7 +210,8 @@ def write_transfer_table(runs_dir: str | Path = "runs", results_dir: str | Path 
         "ours_best_top1: best epoch (model or EMA) on that same split, so an optimistic pick.",
         "init: the checkpoint a run was fine-tuned from (folder/file), or `scratch` (a from-scratch baseline on a "
         "dataset that a transfer run used). run: the run folder under the runs folder.",
-        f"Built by `tnt transfer --table --runs {runs_dir}`.",
+        "seed: the run's train.seed (`tnt transfer --seeds N` makes one run folder per seed).",
+        f"Built by `tnt transfer --table --runs {folder_label(runs_dir)}`.",
     ]
     return write_table(transfer_table(runs_dir), results_dir, "transfer",
                        "Transfer learning: ours vs the paper's Table 9 (top-1 %)", footnotes)
