@@ -278,6 +278,26 @@ def results_(
     console.print(f"wrote {', '.join(str(p) for p in write_comparison(runs, out))}")
 
 
+# ----------------------------------------------------------------------------------------------- viz
+@app.command()
+def viz(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Ours, official TNT or timm checkpoint."),
+    image: Path = typer.Option(..., "--image", "-i", help="An image file (JPEG, PNG...)."),
+    out: Path = typer.Option(Path("runs/viz"), "--out", "-o", help="Folder for the PNGs."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Needed for foreign checkpoints."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="1-based blocks, e.g. 1,6,12 (default: first, "
+                                         "middle, last)."),
+    words: Optional[str] = typer.Option(None, "--words", help="Query words of the inner attention, 0-based "
+                                        "row-major in a patch, e.g. 0,5 (default: first and centre)."),
+    ema: bool = typer.Option(False, "--ema", help="The checkpoint's EMA weights."),
+):
+    """The paper's visualisations: patch/word embeddings, inner, patch-to-patch and class-token attention."""
+    from tntcli.viz import visualize
+
+    written = visualize(checkpoint, image, out, model_name=model, blocks=blocks, words=words, ema=ema)
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
 # ------------------------------------------------------------------------------------------------ data
 data_app = typer.Typer(no_args_is_help=True, help="Write FFCV .beton files and benchmark the loaders.")
 app.add_typer(data_app, name="data")
