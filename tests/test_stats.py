@@ -97,3 +97,15 @@ def test_train_seeds_makes_one_folder_per_seed_and_reuses_finished_ones(tmp_path
     assert seeds.config_digest(seeds.with_seed(seeds.build_config({}, {"data.data": "digits"}), 4),
                                ignore_seed=True) == seeds.config_digest(
         seeds.build_config({}, {"data.data": "digits"}), ignore_seed=True)
+
+
+def test_eval_prints_the_papers_figures_only_on_the_imagenet_val_set():
+    from tntcli.paper import eval_beside_paper
+
+    assert eval_beside_paper("tnt-s", "/data/imagenet", 224, 50_000) == \
+        "paper (Table 4, arXiv v4): top-1 81.5%, top-5 95.7%"
+    assert eval_beside_paper("deit-s", "ILSVRC2012.beton", 224, 50_000) == "paper (Table 4, arXiv v4): top-1 79.8%"
+    assert eval_beside_paper("tnt-s", "/data/imagenet", 384, 50_000).endswith("(384px)")
+    assert "cifar10 (1000 images)" in eval_beside_paper("tnt-s", "cifar10", 224, 1000)
+    assert "imagenet (5000 images)" in eval_beside_paper("tnt-s", "/data/imagenet", 224, 5000)
+    assert eval_beside_paper("tnt-s-legacy", "/data/imagenet", 224, 50_000) is None

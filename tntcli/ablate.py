@@ -187,9 +187,12 @@ def plan_variants(base: RunConfig, flags: AblationFlags) -> list[Variant]:
 def _deit(base: RunConfig, c: TNTConfig) -> Variant:
     """The same-size DeiT: the base's width, depth, heads, MLP ratio and patch size, on the base's data pipeline
     (normalisation and crop fixed to the base model's, so only the architecture differs)."""
+    from tntcli.models.registry import model_config
+
     spec = get_spec(base.model.name)
-    arch = {"depth": c.depth, "dim": c.dim, "heads": c.heads, "mlp_ratio": c.mlp_ratio, "patch_size": c.patch_size,
-            "img_size": c.img_size}
+    default = model_config(spec.baseline)
+    arch = {k: getattr(c, k) for k in ("depth", "dim", "heads", "mlp_ratio", "patch_size")
+            if getattr(c, k) != getattr(default, k)}       # only what differs, as a recipe would write it
     return Variant("deit", f"{spec.baseline} of the same width and depth: depth {c.depth}, d={c.dim}, {c.heads} "
                    f"heads, {c.patch_size}px patches, no inner transformer, DeiT's linear patch embedding",
                    arch, ("deit", spec.baseline), model=spec.baseline)
@@ -205,7 +208,7 @@ def _resolve(base: RunConfig, variants: list[Variant]) -> list[Variant]:
         if v.model is not None:                      # another model: its own arch, the base's data pipeline
             spec = get_spec(base.model.name)
             v.cfg = build_config(base.to_dict(), {
-                "model.name": v.model, "model.arch": v.arch, "model.img_size": v.arch["img_size"],
+                "model.name": v.model, "model.arch": v.arch, "model.img_size": model_cfg(base).img_size,
                 "data.mean": list(base.data.mean or spec.mean), "data.std": list(base.data.std or spec.std),
                 "data.crop_pct": base.data.crop_pct or spec.crop_pct})
             kept.append(v)

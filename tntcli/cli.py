@@ -117,6 +117,11 @@ def eval_(
     else:
         console.print(f"{record['model']}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  "
                       f"loss {record['loss']:.4f}  {record['img_per_s']:.1f} img/s on {record['n_images']} images")
+        from tntcli.paper import eval_beside_paper
+
+        paper = eval_beside_paper(record["model"], data, record["img_size"], record["n_images"])
+        if paper:
+            console.print(paper)
 
 
 def _seed_list(text: str, seed: Optional[int], first: int) -> List[int]:

@@ -47,3 +47,25 @@ def setting_gap(model: str, arch: dict | str | None, img_size: int | None, data_
     if not is_imagenet_1k(data_label, num_classes):
         reasons.append(f"{data_label or '?'} ({num_classes} classes)")
     return None if not reasons else f"not the paper's setting ({PAPER_SETTING_TEXT}): " + ", ".join(reasons)
+
+
+IMAGENET_VAL_IMAGES = 50_000
+
+
+def eval_beside_paper(model: str, data: str, img_size: int, n_images: int) -> str | None:
+    """`tnt eval`'s line on the paper: its top-1/top-5 when the evaluation is the paper's (a model it reports at
+    224px on the ImageNet-1k val split: a data name with `imagenet`/`ilsvrc` and all 50,000 val images), else
+    why not; None for models the paper does not report."""
+    from tntcli.results import data_label
+
+    figures = paper_figures()["models"].get(model)
+    if figures is None:
+        return None
+    label = data_label(data)
+    reasons = [f"{img_size}px"] if img_size != PAPER_IMG_SIZE else []
+    if not ("imagenet" in label.lower() or "ilsvrc" in label.lower()) or n_images != IMAGENET_VAL_IMAGES:
+        reasons.append(f"{label} ({n_images} images), not the {IMAGENET_VAL_IMAGES} ImageNet-1k val images")
+    if reasons:
+        return f"paper figures not shown: not the paper's setting ({', '.join(reasons)})"
+    top5 = f", top-5 {figures['top5']:.1f}%" if figures.get("top5") is not None else ""
+    return f"paper ({figures['table']}, {paper_figures()['version'].split(' (')[0]}): top-1 {figures['top1']:.1f}%{top5}"

@@ -179,14 +179,14 @@ NO_RUN = "(no run)"
 
 def collect_runs(runs_root: str | os.PathLike) -> list[dict]:
     """Completed training runs under `runs_root`, at any depth. Fine-tuning runs (`model.pretrained` set: `tnt
-    transfer`) belong to the transfer table, and of the runs `tnt ablate` made only its baselines count: the
-    variants are compared in their own ablation tables."""
+    transfer`) belong to the transfer table, and of the runs `tnt ablate` made only its baselines and same-size DeiTs
+    (--vs-deit) count: the variants are compared in their own ablation tables."""
     records = []
     for summary in sorted(Path(runs_root).rglob("summary.json")):
         rec = read_run(summary.parent)
         if rec is None or rec.get("status") != "completed" or rec.get("best_top1") is None or rec.get("pretrained"):
             continue
-        if rec["ablation"] is not None and "baseline" not in rec["ablation"].get("variants", []):
+        if rec["ablation"] is not None and not {"baseline", "deit"} & set(rec["ablation"].get("variants", [])):
             continue
         rec["mtime"] = summary.stat().st_mtime
         records.append(rec)
