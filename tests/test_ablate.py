@@ -313,3 +313,17 @@ def test_bad_flags_exit_with_one_line(args, message, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.strip().count("\n") == 0 and message in err, err
+
+
+def test_ad_hoc_tables_default_outside_the_committed_results_folder():
+    """A user's `tnt ablate` / `tnt results` / `tnt transfer --table` in a clone never replaces results/ files."""
+    import typer
+
+    from tntcli.cli import app
+
+    commands = typer.main.get_command(app).commands
+    defaults = {(name, p.name): p.default for name, option in (("ablate", "out"), ("results", "out"),
+                                                               ("transfer", "results"))
+                for p in commands[name].params if p.name == option}
+    assert set(defaults.values()) == {Path("runs/results")}, defaults
+    assert set(defaults) == {("ablate", "out"), ("results", "out"), ("transfer", "results")}
