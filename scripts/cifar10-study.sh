@@ -2,7 +2,7 @@
 # The CIFAR-10 study of results/cifar10-study/, in one command:
 #   scripts/cifar10-study.sh /tmp/cifar10-5k        (tar -xzf cifar10-5k.tar.gz -C /tmp first)
 # Trains TNT (recipes/cifar10-study.yaml), the DeiT of the same width and depth, and TNT without inner transformer,
-# word, sentence and both position encodings, 3 seeds each (18 runs under runs/cifar10-study; finished runs are
+# word and sentence position encodings, 3 seeds each (15 runs under runs/cifar10-study; finished runs are
 # reused and interrupted ones resumed on a rerun), then writes the ablation table, the TNT-vs-DeiT comparison,
 # their plots and a visualisation of the TNT baseline (seed 0) into results/cifar10-study/.
 # TNT="python -m tntcli.cli" runs it without the installed `tnt` entry point.

@@ -50,7 +50,7 @@ def size(variant) -> tuple[float, float]:
 def test_flags_map_to_arch_overrides_with_the_papers_direction_of_params_and_gmacs():
     variants = by_name(plan_variants(tiny_base(), AblationFlags(no_inner=True, inner_blocks=["1"], se=True,
                                                                 words="4,16,64", no_word_pos=True,
-                                                                no_sentence_pos=True)))
+                                                                no_sentence_pos=True, no_pos=True)))
     assert list(variants) == ["baseline", "no-inner", "inner-blocks=1", "no-word-pos", "no-sentence-pos", "no-pos",
                               "words=4", "words=64", "se"]
     assert variants["baseline"].same_as == ["words=16"]           # 16 words is the base itself: folded
@@ -68,6 +68,12 @@ def test_flags_map_to_arch_overrides_with_the_papers_direction_of_params_and_gma
     assert sizes["no-inner"][1] < sizes["inner-blocks=1"][1] < base_gmacs
     assert sizes["se"][0] > base_params                                           # SE adds parameters
     assert sizes["words=4"][1] != sizes["words=64"][1] != base_gmacs              # words change the compute
+
+
+def test_each_position_flag_is_one_variant():
+    names = [v.name for v in plan_variants(tiny_base(), AblationFlags(no_word_pos=True, no_sentence_pos=True))]
+    assert names == ["baseline", "no-word-pos", "no-sentence-pos"]          # --no-pos is its own flag
+    assert [v.name for v in plan_variants(tiny_base(), AblationFlags(no_pos=True))] == ["baseline", "no-pos"]
 
 
 def test_words_on_tnt_s_follow_the_paper_and_pick_inner_heads_that_divide_the_word_dim():

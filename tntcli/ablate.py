@@ -4,7 +4,7 @@ Each flag maps to architecture overrides (TNTConfig keys in `model.arch`) relati
 builds, so a shrunk base (e.g. the quickstart's 8px patches) gets shrunk variants:
   --no-inner              inner_blocks=[]: no inner transformer (the word stem still builds the patch embeddings)
   --inner-blocks 1,4,8    inner transformer only in these blocks (1-based here, 0-based in the config); repeatable
-  --no-word-pos           word_pos=false;   --no-sentence-pos: sentence_pos=false (both flags: also neither)
+  --no-word-pos           word_pos=false;   --no-sentence-pos: sentence_pos=false;   --no-pos: both false
   --inner-heads 1,2,4     one variant per head count (must divide the word dim)
   --words 4,16,64         words per patch: inner_stride = patch/sqrt(words), word_dim scaled so that
                           words x word_dim stays the base's; inner heads drop to a divisor of the new word dim
@@ -46,8 +46,8 @@ from tntcli.results import (ABLATION_MARKER, atomic_write_text, data_label, fold
                             pyplot, read_run, relative_to_root, save_figure, write_table)
 from tntcli.seeds import paired_correct, run_state, train_or_reuse, with_seed
 
-FLAG_NAMES = ("--no-inner, --inner-blocks, --no-word-pos, --no-sentence-pos, --inner-heads, --words, --se or "
-              "--vs-deit")
+FLAG_NAMES = ("--no-inner, --inner-blocks, --no-word-pos, --no-sentence-pos, --no-pos, --inner-heads, --words, "
+              "--se or --vs-deit")
 PAPER_SETTING = "TNT-S, ImageNet-1k, 224px, 300 epochs"
 
 
@@ -62,12 +62,14 @@ class AblationFlags:
     words: str | None = None
     se: bool = False
     vs_deit: bool = False
+    no_pos: bool = False
 
     def given(self) -> list[str]:
         """Flag parts of the results name, in a fixed order: `no-inner`, `inner-heads-1-2-4`..."""
         parts = ["no-inner"] if self.no_inner else []
         parts += [f"inner-blocks-{text}" for text in self.inner_blocks]
-        parts += [name for name, on in (("no-word-pos", self.no_word_pos), ("no-sentence-pos", self.no_sentence_pos))
+        parts += [name for name, on in (("no-word-pos", self.no_word_pos), ("no-sentence-pos", self.no_sentence_pos),
+                                        ("no-pos", self.no_pos))
                   if on]
         parts += [f"{name}-{text}" for name, text in (("inner-heads", self.inner_heads), ("words", self.words)) if text]
         parts += ["se"] if self.se else []
@@ -171,7 +173,7 @@ def plan_variants(base: RunConfig, flags: AblationFlags) -> list[Variant]:
            ("no-sentence-pos", "no sentence position encoding", {"sentence_pos": False}, "word_only",
             flags.no_sentence_pos),
            ("no-pos", "neither position encoding", {"word_pos": False, "sentence_pos": False}, "none",
-            flags.no_word_pos and flags.no_sentence_pos)]
+            flags.no_pos)]
     variants += [Variant(name, text, arch, ("position_encoding", row)) for name, text, arch, row, on in pos if on]
     if flags.inner_heads:
         variants += [_inner_heads(h, c) for h in _ints("--inner-heads", flags.inner_heads)]

@@ -241,7 +241,8 @@ def ablate(
                                            "transformer, e.g. 1,4,8,12 (repeatable: one variant each)."),
     no_word_pos: bool = typer.Option(False, "--no-word-pos", help="Variant without word position encoding."),
     no_sentence_pos: bool = typer.Option(False, "--no-sentence-pos", help="Variant without sentence position "
-                                         "encoding (with --no-word-pos: also the variant with neither)."),
+                                         "encoding."),
+    no_pos: bool = typer.Option(False, "--no-pos", help="Variant without either position encoding."),
     inner_heads: Optional[str] = typer.Option(None, "--inner-heads", help="Sweep of inner heads, e.g. 1,2,4,6,8."),
     words: Optional[str] = typer.Option(None, "--words", help="Sweep of words per patch, e.g. 4,16,64."),
     se: bool = typer.Option(False, "--se", help="Variant with the SE module."),
@@ -262,7 +263,7 @@ def ablate(
          "data.batch_size": batch_size, "model.img_size": img_size, "data.workers": workers, "train.seed": seed,
          "train.max_steps": max_steps}, sets))
     flags = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se,
-                                     vs_deit)
+                                     vs_deit, no_pos)
     seed_list = None if seeds is None else _seed_list(seeds, seed, base.train.seed)
     try:
         ablate_lib.run(base, flags, runs=runs, out=out, name=name, dry_run=dry_run, timing_steps=timing_steps,
