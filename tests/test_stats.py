@@ -109,3 +109,24 @@ def test_eval_prints_the_papers_figures_only_on_the_imagenet_val_set():
     assert "cifar10 (1000 images)" in eval_beside_paper("tnt-s", "cifar10", 224, 1000)
     assert "imagenet (5000 images)" in eval_beside_paper("tnt-s", "/data/imagenet", 224, 5000)
     assert eval_beside_paper("tnt-s-legacy", "/data/imagenet", 224, 50_000) is None
+
+
+def test_transfer_seeds_fine_tune_once_per_seed_in_a_folder_named_by_the_config(tmp_path, monkeypatch):
+    from tntcli.models.checkpoints import save_model
+    from tntcli.models.registry import create_model
+    from tntcli.transfer import run_transfer_seeds
+
+    arch = dict(depth=1, patch_size=8, inner_stride=2, dim=16, heads=2, word_dim=4, inner_heads=1)
+    ckpt = save_model(create_model("tnt-ti", img_size=16, num_classes=3, **arch), "tnt-ti", tmp_path / "pre.pt")
+    overrides = {"data.data": "digits", "train.epochs": 1, "data.batch_size": 32, "data.workers": 0,
+                 "data.max_train_images": 64, "aug.mixup": 0.0, "aug.cutmix": 0.0, "aug.rand_augment": None,
+                 "train.ema_decay": None}
+    monkeypatch.chdir(tmp_path)
+    summaries = run_transfer_seeds(ckpt, [0, 2], overrides=overrides)
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("transfer-tnt-ti-16px-digits-")
+    assert [s["seed"] for s in summaries] == [0, 2] and all(s["status"] == "completed" for s in summaries)
+    assert sorted(p.name for p in folders[0].iterdir()) == ["seed-0", "seed-2"]
+    for seed in (0, 2):
+        saved = yaml.safe_load((folders[0] / f"seed-{seed}" / "config.yaml").read_text())
+        assert saved["train"]["seed"] == seed and saved["model"]["pretrained"] == str(ckpt)
