@@ -207,7 +207,14 @@ def test_transfer_run_fine_tunes_a_new_head_at_a_new_size_and_is_tabulated(tmp_p
     ours = df[df.dataset == "abc"].set_index("init")
     assert ours.loc[f"{pretrained.parent.name}/last.pt", "ours_top1"] == pytest.approx(summary["final_top1"])
     assert ours.loc["scratch", "run"] == "scratch"
-    assert ours.paper_top1.isna().all()
+    assert ours.paper_top1.isna().all() and (ours.paper_note == "the paper's Table 9 has no tnt-ti").all()
+    from tntcli.transfer import _paper_gap
+
+    entry = {"img_size": 384, "cifar10": 98.7}
+    assert _paper_gap({"model": "tnt-s", "dataset": "cifar10", "img_size": 384, "init": "pre/tnt_s.pth"}, entry) == ""
+    assert _paper_gap({"model": "tnt-s", "dataset": "cifar10", "img_size": 384, "init": "scratch"},
+                      entry) == "trained from scratch, not fine-tuned"
+    assert _paper_gap({"model": "tnt-s", "dataset": "cifar10", "img_size": 224, "init": "x/y"}, entry).startswith("224px")
     paper = df[(df.model == "tnt-s") & (df.dataset == "cifar10")].iloc[0]
     assert (paper.paper_top1, paper.img_size, paper.status) == (98.7, 384, "not run here")
     assert df[(df.model == "deit-b") & (df.dataset == "pets")].paper_top1.isna().all()

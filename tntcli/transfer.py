@@ -145,8 +145,8 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ table
-TABLE_COLUMNS = ["model", "img_size", "dataset", "init", "paper_top1", "ours_top1", "ours_best_top1", "epochs",
-                 "seed", "status", "run"]
+TABLE_COLUMNS = ["model", "img_size", "dataset", "init", "paper_top1", "paper_note", "ours_top1", "ours_best_top1",
+                 "epochs", "seed", "status", "run"]
 
 
 def paper_transfer() -> dict[str, Any]:
@@ -174,6 +174,18 @@ def _run_rows(runs_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _paper_gap(row: dict[str, Any], entry: dict[str, Any]) -> str:
+    """'' when a run is in the paper's Table 9 setting (its model and dataset, fine-tuned from weights at the
+    paper's size), else why its paper_top1 is empty."""
+    if not entry:
+        return f"the paper's Table 9 has no {row['model']}"
+    if row["dataset"] not in entry or entry.get(row["dataset"]) is None:
+        return f"the paper's Table 9 has no {row['model']} on {row['dataset']}"
+    if row["img_size"] != entry["img_size"]:
+        return f"{row['img_size']}px, not the paper's {entry['img_size']}px"
+    return "" if row["init"] != "scratch" else "trained from scratch, not fine-tuned"
+
+
 def transfer_table(runs_dir: str | Path) -> pd.DataFrame:
     """The paper's Table 9 next to our transfer runs (and from-scratch runs on the same datasets, as baselines).
 
@@ -185,7 +197,8 @@ def transfer_table(runs_dir: str | Path) -> pd.DataFrame:
     rows = [r for r in rows if r["dataset"] in transfer_sets]
     for r in rows:
         entry = paper["top1"].get(r["model"], {})
-        r["paper_top1"] = entry.get(r["dataset"]) if r["img_size"] == entry.get("img_size") else None
+        r["paper_note"] = _paper_gap(r, entry)
+        r["paper_top1"] = None if r["paper_note"] else entry[r["dataset"]]
     covered = {(r["model"], r["img_size"], r["dataset"]) for r in rows if r["init"] != "scratch"}
     for model, entry in paper["top1"].items():
         for dataset in paper["datasets"]:
@@ -208,6 +221,8 @@ def write_transfer_table(runs_dir: str | Path = "runs", results_dir: str | Path 
         f"{paper['table']}): {paper['note']}.",
         "ours_top1: final-epoch top-1 (%) on the dataset's val/test split, from each run's summary.json; "
         "ours_best_top1: best epoch (model or EMA) on that same split, so an optimistic pick.",
+        "paper_note: why a run has no paper figure beside it (another size, model or data set than the paper's "
+        "Table 9, or trained from scratch).",
         "init: the checkpoint a run was fine-tuned from (folder/file), or `scratch` (a from-scratch baseline on a "
         "dataset that a transfer run used). run: the run folder under the runs folder.",
         "seed: the run's train.seed (`tnt transfer --seeds N` makes one run folder per seed).",
