@@ -22,7 +22,6 @@ with a 95% interval and a verdict (tntcli.stats).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -42,9 +41,9 @@ from tntcli.flops import count_macs, trainable_params
 from tntcli.models.registry import build_model, get_spec
 from tntcli.models.tnt import TNTConfig
 from tntcli.paper import paper_figures, setting_gap
-from tntcli.results import (ABLATION_MARKER, atomic_write_text, data_label, folder_label, plot_training_curves,
-                            pyplot, read_run, relative_to_root, save_figure, write_table)
-from tntcli.seeds import paired_correct, run_state, train_or_reuse, with_seed
+from tntcli.results import (ABLATION_MARKER, atomic_write_text, data_label, folder_label, pyplot, read_run,
+                            relative_to_root, save_figure, write_table)
+from tntcli.seeds import config_digest, paired_correct, run_state, train_or_reuse, with_seed
 
 FLAG_NAMES = ("--no-inner, --inner-blocks, --no-word-pos, --no-sentence-pos, --no-pos, --inner-heads, --words, "
               "--se or --vs-deit")
@@ -229,15 +228,11 @@ def _resolve(base: RunConfig, variants: list[Variant]) -> list[Variant]:
 
 
 # ----------------------------------------------------------------------------------------------- runs
-def config_hash(cfg: RunConfig) -> str:
-    return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-
-
 def run_dir(runs: Path, v: Variant, seed: int | None = None) -> Path:
     """The folder of one seed of a variant (default: the recipe's seed): an existing one with the same config hash
     (whatever its label), else <model>-<variant>-s<seed>-<hash>."""
     cfg = v.cfg if seed is None else with_seed(v.cfg, seed)
-    digest = config_hash(cfg)
+    digest = config_digest(cfg)
     existing = sorted(runs.glob(f"*-{digest}")) if runs.is_dir() else []
     return existing[0] if existing else runs / f"{cfg.model.name}-{v.slug}-s{cfg.train.seed}-{digest}"
 
