@@ -93,7 +93,10 @@ def draw_top1_vs_gmacs(ax, series: dict[str, list[tuple[str, float, float]]], lo
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set(xlabel="GMACs per image" + (" (log scale)" if log_x else ""), ylabel="top-1 (%)")
     if log_x:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())   # labelled minor ticks overlap on a short log axis
     else:
         from matplotlib.ticker import MaxNLocator
 
@@ -299,6 +302,8 @@ def _size(row: dict) -> float:
 def plot_comparison(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """top-1 vs GMACs: one panel per data set, image size and schedule of ours (mean ± std over seeds), and the
     paper's ImageNet figures on a panel of their own: never two settings on one axis."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     ours = df[df.top1.notna()]
     groups = list(ours.groupby(["data", "img_size", "epochs"], sort=False))
@@ -311,6 +316,8 @@ def plot_comparison(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         ax.set_title(f"ours: {data}, {size}px, {epochs} epochs\n(mean ± std over seeds; * = modified arch)",
                      fontsize=9)
         ax.set(xlabel="GMACs per image", ylabel="val top-1 (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(4))       # tiny GMAC values would crowd the default ticks
+        ax.margins(x=0.25)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax = axes[0][-1]
