@@ -96,6 +96,8 @@ SETS_HELP = "Any recipe key: --set optim.weight_decay=0.1 (repeatable)."
 @with_run_flags
 def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML recipe path or name under recipes/."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="N seeds from --seed, or a list 0,1,2: one run "
+                                        "folder each (<out>/seed-<k>), finished ones reused."),
     sets: List[str] = typer.Option([], "--set", help=SETS_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "--output", "-o",
                                        help="Run folder (default runs/<model>-<time>)."),
@@ -110,11 +112,18 @@ def train(
 
     overrides = _overrides(flags, sets)
     if resume is not None:
-        if recipe is not None or out is not None:
-            raise TntError("--resume continues a run with its saved recipe; drop --recipe/--out")
+        if recipe is not None or out is not None or seeds is not None:
+            raise TntError("--resume continues a run with its saved recipe; drop --recipe/--out/--seeds")
         cfg = resume_config(resume, overrides)
     else:
         cfg = build_config(load_recipe(recipe), overrides)
+    if seeds is not None:
+        from tntcli import seeds as seeds_lib
+
+        summaries = seeds_lib.train_seeds(cfg, _seed_list(seeds, flags.get("train.seed"), cfg.train.seed), out or Path("runs") / (
+            f"{cfg.model.name}-seeds-{seeds_lib.config_digest(cfg, ignore_seed=True)}"), console=console)
+        console.print(f"done: {seeds_lib.seeds_line(summaries)}")
+        return
     summary = run_training(cfg, out=out, resume=resume, overwrite=overwrite, console=console)
     console.print(f"done: best top-1 {summary['best_top1']:.2f}% ({summary['best_source']}, epoch "
                   f"{summary['best_epoch']}), final top-1 {summary['final_top1']:.2f}%")
@@ -152,6 +161,20 @@ def eval_(
     else:
         console.print(f"{record['model']}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  "
                       f"loss {record['loss']:.4f}  {record['img_per_s']:.1f} img/s on {record['n_images']} images")
+        from tntcli.paper import eval_beside_paper
+
+        paper = eval_beside_paper(record["model"], data, record["img_size"], record["n_images"])
+        if paper:
+            console.print(paper)
+
+
+def _seed_list(text: str, seed: Optional[int], first: int) -> List[int]:
+    """--seeds N counts from the recipe's (or --seed's) seed; a --seeds list names the seeds itself."""
+    from tntcli.seeds import parse_seeds
+
+    if seed is not None and "," in text:
+        raise TntError("give --seed with a --seeds count (seeds counted from it) or a --seeds list, not both")
+    return parse_seeds(text, first)
 
 
 def _floats(flag: str, text: Optional[str]) -> Optional[tuple[float, ...]]:
@@ -194,6 +217,8 @@ def flops(
 def transfer(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Weights: ours, official or timm."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Default: transfer/<data> for named datasets."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="N seeds from --seed, or a list 0,1,2: one run "
+                                        "folder each (<out>/seed-<k>), finished ones reused."),
     sets: List[str] = typer.Option([], "--set", help=SETS_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "--output", "-o",
                                        help="Run folder (default runs/transfer-...)."),
@@ -201,7 +226,8 @@ def transfer(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     table: bool = typer.Option(False, "--table", help="Only write results/transfer.md|csv from runs under --runs."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where --table looks for run folders."),
-    results: Path = typer.Option(Path("results"), "--results", help="Folder for transfer.md / transfer.csv."),
+    results: Path = typer.Option(Path("runs/results"), "--results", help="Folder for transfer.md / transfer.csv "
+                                 "(the committed table: results/, see results/README.md)."),
     flags: dict = None,
 ):
     """Fine-tune a pretrained TNT/DeiT on a downstream dataset: new head, resized position embedding (Table 9)."""
@@ -211,6 +237,15 @@ def transfer(
         console.print(f"wrote {', '.join(str(p) for p in transfer_lib.write_transfer_table(runs, results))}")
         return
     overrides = _overrides(flags, sets)
+    if seeds is not None:
+        if resume is not None:
+            raise TntError("--resume continues one run; drop --seeds (a rerun of the --seeds command resumes)")
+        summaries = transfer_lib.run_transfer_seeds(checkpoint, _seed_list(seeds, flags.get("train.seed"), 0), recipe=recipe,
+                                                    overrides=overrides, out=out, console=console)
+        from tntcli.seeds import seeds_line
+
+        console.print(f"done: {seeds_line(summaries)}")
+        return
     summary = transfer_lib.run_transfer(checkpoint, recipe=recipe, overrides=overrides, out=out, resume=resume,
                                         overwrite=overwrite, console=console)
     console.print(transfer_lib.summary_line(summary))
@@ -221,19 +256,24 @@ def transfer(
 @with_run_flags
 def ablate(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Base recipe (YAML path or name)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="N seeds from --seed, or a list 0,1,2: every variant "
+                                        "with each; tables give mean, std and seed-paired 95% intervals."),
     sets: List[str] = typer.Option([], "--set", help=SETS_HELP),
     no_inner: bool = typer.Option(False, "--no-inner", help="Variant without inner transformer."),
     inner_blocks: List[str] = typer.Option([], "--inner-blocks", help="1-based blocks keeping the inner "
                                            "transformer, e.g. 1,4,8,12 (repeatable: one variant each)."),
     no_word_pos: bool = typer.Option(False, "--no-word-pos", help="Variant without word position encoding."),
     no_sentence_pos: bool = typer.Option(False, "--no-sentence-pos", help="Variant without sentence position "
-                                         "encoding (with --no-word-pos: also the variant with neither)."),
+                                         "encoding."),
+    no_pos: bool = typer.Option(False, "--no-pos", help="Variant without either position encoding."),
     inner_heads: Optional[str] = typer.Option(None, "--inner-heads", help="Sweep of inner heads, e.g. 1,2,4,6,8."),
     words: Optional[str] = typer.Option(None, "--words", help="Sweep of words per patch, e.g. 4,16,64."),
     se: bool = typer.Option(False, "--se", help="Variant with the SE module."),
+    vs_deit: bool = typer.Option(False, "--vs-deit", help="Also the DeiT of the base's width and depth."),
     name: Optional[str] = typer.Option(None, "--name", help="Results name (default: from the flags)."),
     runs: Path = typer.Option(Path("runs/ablate"), "--runs", help="Run folders; finished ones are reused."),
-    out: Path = typer.Option(Path("results"), "--out", help="Folder for ablation-<name>.md / .csv / plots."),
+    out: Path = typer.Option(Path("runs/results"), "--out", help="Folder for ablation-<name>.md / .csv / plots "
+                             "(committed studies: results/<study>, see results/README.md)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print variants, params, GMACs and estimated time only."),
     timing_steps: int = typer.Option(3, "--timing-steps", min=1, help="Timed train steps per variant (dry run)."),
     flags: dict = None,
@@ -243,10 +283,12 @@ def ablate(
     from tntcli.config import build_config, load_recipe
 
     base = build_config(load_recipe(recipe), _overrides(flags, sets))
-    flags = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se)
+    seed_list = None if seeds is None else _seed_list(seeds, flags.get("train.seed"), base.train.seed)
+    flags = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se,
+                                     vs_deit, no_pos)
     try:
         ablate_lib.run(base, flags, runs=runs, out=out, name=name, dry_run=dry_run, timing_steps=timing_steps,
-                       recipe=recipe, console=console)
+                       recipe=recipe, seeds=seed_list, console=console)
     except Preempted as stop:
         raise Preempted(f"{stop}; or rerun the same `tnt ablate` command to resume") from None
 
@@ -254,12 +296,33 @@ def ablate(
 @app.command("results")
 def results_(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder searched (at any depth) for run folders."),
-    out: Path = typer.Option(Path("results"), "--out", help="Folder for comparison.md / .csv / plots."),
+    out: Path = typer.Option(Path("runs/results"), "--out", help="Folder for comparison.md / .csv / plots "
+                             "(the committed ones: results/, see results/README.md)."),
 ):
     """Rebuild results/comparison.md|csv (TNT beside same-size DeiT, ours and the paper's) from run folders."""
     from tntcli.results import write_comparison
 
     console.print(f"wrote {', '.join(str(p) for p in write_comparison(runs, out))}")
+
+
+# ----------------------------------------------------------------------------------------------- viz
+@app.command()
+def viz(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Ours, official TNT or timm checkpoint."),
+    image: Path = typer.Option(..., "--image", "-i", help="An image file (JPEG, PNG...)."),
+    out: Path = typer.Option(Path("runs/viz"), "--out", "-o", help="Folder for the PNGs."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Needed for foreign checkpoints."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="1-based blocks, e.g. 1,6,12 (default: first, "
+                                         "middle, last)."),
+    words: Optional[str] = typer.Option(None, "--words", help="Query words of the inner attention, 0-based "
+                                        "row-major in a patch, e.g. 0,5 (default: first and centre)."),
+    ema: bool = typer.Option(False, "--ema", help="The checkpoint's EMA weights."),
+):
+    """The paper's visualisations: patch/word embeddings, inner, patch-to-patch and class-token attention."""
+    from tntcli.viz import visualize
+
+    written = visualize(checkpoint, image, out, model_name=model, blocks=blocks, words=words, ema=ema)
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -93,7 +93,10 @@ def draw_top1_vs_gmacs(ax, series: dict[str, list[tuple[str, float, float]]], lo
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set(xlabel="GMACs per image" + (" (log scale)" if log_x else ""), ylabel="top-1 (%)")
     if log_x:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())   # labelled minor ticks overlap on a short log axis
     else:
         from matplotlib.ticker import MaxNLocator
 
@@ -114,6 +117,38 @@ def plot_top1_vs_gmacs(series: dict[str, list[tuple[str, float, float]]], stem: 
         plt.close(fig)
 
 
+def data_label(data: str | None) -> str:
+    """A portable name for a run's data: `cifar10`/`digits` as named, else the folder or .beton stem (never a
+    machine's absolute path): /work/shared/data/cifar10-5k -> cifar10-5k, out/imnet.beton -> imnet."""
+    from tntcli.data.sources import NAMED_DATASETS
+
+    data = data or "data"
+    if data.lower() in (*NAMED_DATASETS, "digits"):
+        return data.lower()
+    return Path(data.rstrip("/")).name.removesuffix(".beton") or "data"
+
+
+def relative_to_root(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`path` relative to `root` (a run folder in tables: relative to the --runs folder); its name otherwise."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return path.name
+
+
+def folder_label(path: str | os.PathLike) -> str:
+    """How a folder given on the command line is named in committed text: as given when relative, relative to
+    the working directory when under it, else only its name."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return f".../{path.name}"
+
+
 def arch_text(arch: dict) -> str:
     """Architecture overrides as one short string; '' is the named architecture as it is."""
     import json
@@ -123,68 +158,96 @@ def arch_text(arch: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- comparison
 COMPARISON_COLUMNS = ["data", "img_size", "model", "arch", "baseline", "params_m", "gmacs", "img_per_s", "top1",
-                      "delta_top1_vs_baseline", "paper_params_m", "paper_gmacs", "paper_top1",
-                      "paper_delta_top1_vs_baseline", "epochs", "device", "run_dir"]
+                      "top1_mean", "top1_std", "n_seeds", "delta_top1_vs_baseline", "delta_ci95_low",
+                      "delta_ci95_high", "verdict", "paper_params_m", "paper_gmacs", "paper_top1",
+                      "paper_delta_top1_vs_baseline", "paper_note", "epochs", "seeds", "device", "run_dir"]
 NO_RUN = "(no run)"
 
 
 def collect_runs(runs_root: str | os.PathLike) -> list[dict]:
-    """Completed runs under `runs_root`, at any depth. Of the runs `tnt ablate` made only its baselines count:
-    the variants are compared in their own ablation tables."""
+    """Completed training runs under `runs_root`, at any depth. Fine-tuning runs (`model.pretrained` set: `tnt
+    transfer`) belong to the transfer table, and of the runs `tnt ablate` made only its baselines and same-size DeiTs
+    (--vs-deit) count: the variants are compared in their own ablation tables."""
     from tntcli.runs import find_runs
 
     records = []
     for rec in find_runs(runs_root):
-        if rec.get("status") != "completed" or rec.get("best_top1") is None:
+        if rec.get("status") != "completed" or rec.get("best_top1") is None or rec.get("pretrained"):
             continue
-        if rec["ablation"] is not None and "baseline" not in rec["ablation"].get("variants", []):
+        if rec["ablation"] is not None and not {"baseline", "deit"} & set(rec["ablation"].get("variants", [])):
             continue
+        rec["mtime"] = (Path(rec["run_dir"]) / "summary.json").stat().st_mtime
         records.append(rec)
     return records
 
 
-def comparison_table(records: list[dict]) -> pd.DataFrame:
-    """The best run per (data, image size, model, architecture), each TNT row followed by its same-size DeiT
-    baseline, then the paper's models nobody ran (paper figures only)."""
-    from tntcli.paper import paper_figures
+def _latest_per_seed(records: list[dict]) -> dict[int, dict]:
+    """seed -> the most recently finished run with that seed (a rerun replaces, no run is picked by its score)."""
+    out: dict[int, dict] = {}
+    for rec in sorted(records, key=lambda r: r["mtime"]):
+        out[int(rec.get("seed") or 0)] = rec
+    return dict(sorted(out.items()))
 
-    best: dict[tuple, dict] = {}
+
+def comparison_table(records: list[dict], runs_root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """One row per (data, image size, epochs, model, architecture): top-1 mean and std over its seeds, each TNT row
+    followed by its same-size DeiT baseline with the seed-paired delta, then the paper's models nobody ran (paper
+    figures only). Paper figures stand beside ours only for runs in the paper's setting."""
+    from tntcli import stats
+    from tntcli.paper import paper_figures, setting_gap
+
+    groups: dict[tuple, list[dict]] = {}
     for rec in records:
-        key = (str(rec.get("data")), int(rec["img_size"]), rec["model"], arch_text(rec["arch"]))
-        if key not in best or rec["best_top1"] > best[key]["best_top1"]:
-            best[key] = rec
+        key = (data_label(rec.get("data")), int(rec["img_size"]), int(rec.get("epochs_done") or 0), rec["model"],
+               arch_text(rec["arch"]))
+        groups.setdefault(key, []).append(rec)
     paper = paper_figures()["models"]
-    rows = {key: {"data": key[0], "img_size": key[1], "model": key[2], "arch": key[3], "_arch": rec["arch"],
-                  "params_m": rec.get("params_m"), "gmacs": rec.get("gmacs"),
-                  "img_per_s": None if rec["img_per_s"] is None else round(rec["img_per_s"], 1),
-                  "top1": rec["best_top1"], "epochs": rec.get("epochs_done"), "device": rec.get("device"),
-                  "run_dir": rec["run_dir"]} for key, rec in best.items()}
-    trained = {key[2] for key in best if key[3] == ""}
-    for name in paper:
+    rows = {}
+    for key, recs in groups.items():
+        by_seed = _latest_per_seed(recs)
+        spread = stats.spread([r["best_top1"] for r in by_seed.values()])
+        first = next(iter(by_seed.values()))
+        speeds = pd.Series([r.get("img_per_s") for r in by_seed.values()], dtype=float).dropna()
+        gap = setting_gap(key[3], first["arch"], key[1], key[0], first.get("num_classes"))
+        figures = paper.get(key[3], {}) if gap is None else {}
+        rows[key] = {"data": key[0], "img_size": key[1], "model": key[3], "arch": key[4], "_arch": first["arch"],
+                     "_by_seed": by_seed, "params_m": first.get("params_m"), "gmacs": first.get("gmacs"),
+                     "img_per_s": round(float(speeds.median()), 1) if len(speeds) else None,
+                     "top1": round(spread.mean, 2), "top1_mean": round(spread.mean, 2),
+                     "top1_std": None if spread.n < 2 else round(spread.std, 2), "n_seeds": spread.n,
+                     "paper_params_m": figures.get("params_m"), "paper_gmacs": figures.get("gmacs"),
+                     "paper_top1": figures.get("top1"), "paper_note": gap or "",
+                     "epochs": key[2], "seeds": " ".join(map(str, by_seed)),
+                     "device": ", ".join(sorted({str(r.get("device")) for r in by_seed.values()})),
+                     "run_dir": ";".join(relative_to_root(r["run_dir"], runs_root) if runs_root else r["run_dir"]
+                                         for r in by_seed.values())}
+    trained = {key[3] for key in groups if key[4] == "" and rows[key]["paper_note"] == ""}
+    for name, figures in paper.items():
         if name not in trained:
-            rows[(NO_RUN, 224, name, "")] = {"data": NO_RUN, "img_size": 224, "model": name, "arch": "", "_arch": {}}
-    for row in rows.values():
-        figures = paper.get(row["model"], {}) if row["arch"] == "" else {}
-        row.update(paper_params_m=figures.get("params_m"), paper_gmacs=figures.get("gmacs"),
-                   paper_top1=figures.get("top1"))
+            rows[(NO_RUN, 224, 0, name, "")] = {
+                "data": NO_RUN, "img_size": 224, "model": name, "arch": "", "_arch": {},
+                "paper_params_m": figures.get("params_m"), "paper_gmacs": figures.get("gmacs"),
+                "paper_top1": figures.get("top1"), "paper_note": f"the paper's figure only ({figures.get('table')})"}
     df = pd.DataFrame(_pair_with_baselines(rows), columns=COMPARISON_COLUMNS)
-    return df.astype({"img_size": "Int64", "epochs": "Int64"})
+    return df.astype({"img_size": "Int64", "epochs": "Int64", "n_seeds": "Int64"})
 
 
 def _pair_with_baselines(rows: dict[tuple, dict]) -> list[dict]:
-    """Rows grouped by (data, img_size); in each, TNT models by size, each followed by its DeiT baseline (the
-    spec's baseline with the same overrides where DeiT has them), then whatever is left."""
+    """Rows grouped by (data, img_size, epochs); in each, TNT models by size, each followed by its DeiT baseline
+    (the spec's baseline with the same overrides where DeiT has them), then whatever is left."""
     import dataclasses
 
+    from tntcli import stats
     from tntcli.models.registry import FAMILIES, MODELS
+    from tntcli.seeds import paired_correct
 
     deit_keys = {f.name for f in dataclasses.fields(FAMILIES["deit"][1])}
     ordered: list[dict] = []
-    for group in sorted({key[:2] for key in rows}, key=lambda g: (g[0] == NO_RUN, g)):
-        keys = sorted((k for k in rows if k[:2] == group), key=lambda k: (_size(rows[k]), k[2], k[3]))
+    for group in sorted({key[:3] for key in rows}, key=lambda g: (g[0] == NO_RUN, g)):
+        keys = sorted((k for k in rows if k[:3] == group), key=lambda k: (_size(rows[k]), k[3], k[4]))
         used: set[tuple] = set()
         for key in keys:
-            spec = MODELS.get(key[2])
+            spec = MODELS.get(key[3])
             if spec is None or spec.family != "tnt" or spec.baseline is None:
                 continue
             row = rows[key]
@@ -195,9 +258,17 @@ def _pair_with_baselines(rows: dict[tuple, dict]) -> list[dict]:
             base = rows.get(base_key)
             if base is None:
                 continue
-            for ours, delta in (("top1", "delta_top1_vs_baseline"), ("paper_top1", "paper_delta_top1_vs_baseline")):
-                if row.get(ours) is not None and base.get(ours) is not None:
-                    row[delta] = round(row[ours] - base[ours], 2)
+            if "_by_seed" in row and "_by_seed" in base:
+                ours, theirs = row["_by_seed"], base["_by_seed"]
+                shared = sorted(set(ours) & set(theirs))
+                correct = paired_correct(ours[shared[0]]["run_dir"], theirs[shared[0]]["run_dir"]) \
+                    if len(shared) == 1 else None
+                delta = stats.paired_delta({s: r["best_top1"] for s, r in ours.items()},
+                                           {s: r["best_top1"] for s, r in theirs.items()}, correct)
+                row.update(delta_top1_vs_baseline=_round(delta.delta), delta_ci95_low=_round(delta.low),
+                           delta_ci95_high=_round(delta.high), verdict=delta.verdict)
+            if row.get("paper_top1") is not None and base.get("paper_top1") is not None:
+                row["paper_delta_top1_vs_baseline"] = round(row["paper_top1"] - base["paper_top1"], 2)
             if base_key not in used:          # a baseline shared by two TNT models follows the first
                 ordered.append(base)
                 used.add(base_key)
@@ -205,43 +276,81 @@ def _pair_with_baselines(rows: dict[tuple, dict]) -> list[dict]:
     return ordered
 
 
+def _round(value: float) -> float | None:
+    return None if value != value else round(value, 2)       # NaN -> empty cell
+
+
 def _size(row: dict) -> float:
     return row.get("params_m") or row.get("paper_params_m") or 0
+
+
+def plot_comparison(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """top-1 vs GMACs: one panel per data set, image size and schedule of ours (mean ± std over seeds), and the
+    paper's ImageNet figures on a panel of their own: never two settings on one axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    ours = df[df.top1.notna()]
+    groups = list(ours.groupby(["data", "img_size", "epochs"], sort=False))
+    fig, axes = plt.subplots(1, len(groups) + 1, figsize=(5.2 * (len(groups) + 1), 4.2), squeeze=False)
+    for ax, ((data, size, epochs), group) in zip(axes[0], groups):
+        for r in group.itertuples():
+            label = r.model + ("*" if r.arch else "")
+            ax.errorbar([r.gmacs], [r.top1], yerr=[0 if pd.isna(r.top1_std) else r.top1_std], fmt="o", capsize=4,
+                        label=f"{label} (n={r.n_seeds})")
+        ax.set_title(f"ours: {data}, {size}px, {epochs} epochs\n(mean ± std over seeds; * = modified arch)",
+                     fontsize=9)
+        ax.set(xlabel="GMACs per image", ylabel="val top-1 (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(4))       # tiny GMAC values would crowd the default ticks
+        ax.margins(x=0.25)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    paper = df[df.paper_top1.notna()].drop_duplicates("model")
+    draw_top1_vs_gmacs(ax, {"paper": [(r.model, r.paper_gmacs, r.paper_top1) for r in paper.itertuples()]})
+    ax.set_title("the paper: ImageNet-1k, 224px, 300 epochs\n(printed figures, one run each)", fontsize=9)
+    fig.tight_layout()
+    try:
+        return save_figure(fig, stem)
+    finally:
+        plt.close(fig)
 
 
 def write_comparison(runs_root: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
     """comparison.md/.csv, its top-1 vs GMACs plot and the training curves of the compared runs, rebuilt from
     the run folders under `runs_root` (these files are never edited by hand)."""
     from tntcli.errors import TntError
-    from tntcli.paper import paper_figures
 
     records = collect_runs(runs_root)
     if not records:
-        raise TntError(f"no completed runs under {runs_root} (a run folder holds summary.json); train one with "
-                       "`tnt train` or point --runs elsewhere")
-    df = comparison_table(records)
+        raise TntError(f"no completed training runs under {runs_root} (a run folder holds summary.json); train "
+                       "one with `tnt train` or point --runs elsewhere")
+    df = comparison_table(records, runs_root)
     footnotes = [
-        f"Ours: the best completed run per data set, image size, model and architecture under `{runs_root}` "
-        "(ablation variants excluded). top1 = best_top1 of summary.json (model or EMA weights).",
-        "img_per_s = measured training throughput: median over epochs of metrics.csv img_per_s (data loading "
-        "included), on the device shown; machines shared with other jobs give noisy figures.",
-        "arch: overrides of the named architecture (model.arch); empty = the architecture as named. "
-        "Each TNT row is followed by its same-size DeiT baseline (same data, size and overrides) where one was run.",
-        "paper_* = the paper's printed ImageNet figures at 224px (Sec. 3.2, TNT on ImageNet), not ours; shown only "
-        f"for unmodified architectures. Rows with data '{NO_RUN}' have paper figures only.",
+        f"Ours: completed training runs under `{folder_label(runs_root)}`, one row per data set, image size, "
+        "epochs, model and architecture (fine-tuning runs: `tnt transfer --table`; ablation variants: their "
+        "ablation tables). Per seed the most recently finished run counts.",
+        "top1 = top1_mean = mean over seeds of best_top1 (summary.json; model or EMA weights); top1_std = sample "
+        "std over seeds (empty for one seed).",
+        "delta_top1_vs_baseline = mean over seeds of (TNT - DeiT) with the same seed; delta_ci95_low/high: its "
+        "95% interval (Student t over seeds; with one seed a paired bootstrap over validation images from "
+        "val_predictions.csv); verdict: better / worse when the interval excludes 0, else within noise.",
+        "img_per_s = measured training throughput: median over seeds of the median over epochs of metrics.csv "
+        "img_per_s (data loading included), on the device shown; a shared machine makes it noisy.",
+        "arch: overrides of the named architecture (model.arch); empty = the architecture as named. Each TNT row "
+        "is followed by its same-size DeiT baseline (same data, size, epochs and overrides) where one was run.",
+        "paper_* = the paper's printed ImageNet-1k figures at 224px (Table 4), not ours: beside a run only when "
+        "that run is in the paper's setting (unmodified model, 224px, ImageNet-1k), else paper_note says why "
+        f"not. Rows with data '{NO_RUN}' list the paper's figures only.",
+        "run_dir: run folders relative to the --runs folder, `;`-separated by seed. Rebuilt by `tnt results`.",
     ]
     out = Path(out)
-    written = write_table(df, out, "comparison", "TNT vs DeiT: our runs beside the paper", footnotes)
-    ours = df[df.top1.notna()]
-    series = {"paper (ImageNet 224px)": [(name, f.get("gmacs"), f.get("top1"))
-                                         for name, f in paper_figures()["models"].items()]}
-    for (data, size), group in ours.groupby(["data", "img_size"], sort=False):
-        series[f"ours ({Path(data).name}, {size}px)"] = [
-            (r.model + ("*" if r.arch else ""), r.gmacs, r.top1) for r in group.itertuples()]
-    written += plot_top1_vs_gmacs(series, out / "comparison",
-                                  "top-1 vs GMACs (* = modified architecture; ours and the paper's are on "
-                                  "different data)")
-    shown = set(ours.run_dir)
-    written += plot_training_curves({f"{rec['model']} [{Path(rec['run_dir']).name}]": rec["history"]
-                                     for rec in records if rec["run_dir"] in shown}, out / "comparison-curves")
+    written = write_table(df, out, "comparison", "TNT vs DeiT: our runs over seeds, the paper's where comparable",
+                          footnotes)
+    written += plot_comparison(df, out / "comparison")
+    shown = {r["run_dir"] for rec_row in df.run_dir.dropna() for r in records
+             if relative_to_root(r["run_dir"], runs_root) in str(rec_row).split(";")}
+    written += plot_training_curves({f"{rec['model']} seed {rec.get('seed')} [{data_label(rec.get('data'))}]":
+                                     rec["history"] for rec in records if rec["run_dir"] in shown},
+                                    out / "comparison-curves")
     return written

@@ -16,7 +16,8 @@ ABLATION_MARKER = "ablation.json"     # `tnt ablate` marks its run folders with 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """One run folder as a record: summary.json's keys, plus `run_dir`, `history` (metrics.csv rows), `img_per_s`
     (the median training img/s over its epochs), `config` (config.yaml, None without one), `arch` (its
-    model.arch overrides but img_size) and `ablation` (the marker, or None). None without a readable summary.json."""
+    model.arch overrides but img_size), `seed`, `pretrained` (model.pretrained: a fine-tuning run) and `ablation`
+    (the marker, or None). None without a readable summary.json."""
     run_dir = Path(run_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -30,6 +31,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return {**summary, "run_dir": str(run_dir), "history": history,
             "img_per_s": float(speeds.median()) if len(speeds) else None, "config": config,
             "arch": {k: v for k, v in (model.get("arch") or {}).items() if k != "img_size"},
+            "seed": ((config or {}).get("train") or {}).get("seed", 0), "pretrained": model.get("pretrained"),
             "ablation": json.loads(marker.read_text()) if marker.is_file() else None}
 
 

@@ -23,7 +23,7 @@ from tntcli.models.weights import (OURS, guess_model_name, load_weights, read_ch
                                        unwrap_state_dict)
 from tntcli.models.registry import build_model, config_to_dict, model_config
 from tntcli.paper import paper_figures
-from tntcli.results import write_table
+from tntcli.results import data_label, folder_label, write_table
 from tntcli.runs import find_runs
 
 # Config fields that a checkpoint does not fix for fine-tuning: the rest of a saved config is its architecture.
@@ -118,10 +118,7 @@ def head_swap(sd: dict[str, torch.Tensor], data: str | None) -> str:
 
 def dataset_label(data: str | None) -> str:
     """`cifar10` for named datasets, the folder or file stem otherwise (for run names and tables)."""
-    data = data or "data"
-    if data.lower() in NAMED_DATASETS or data.lower() == "digits":
-        return data.lower()
-    return Path(data.rstrip("/")).name.removesuffix(".beton") or "data"
+    return data_label(data)
 
 
 def run_transfer(checkpoint: str | Path | None, *, recipe: str | None = None, overrides: dict[str, Any] | None = None,
@@ -146,6 +143,22 @@ def run_transfer(checkpoint: str | Path | None, *, recipe: str | None = None, ov
     return train(cfg, out=out, overwrite=overwrite, console=console)
 
 
+def run_transfer_seeds(checkpoint: str | Path | None, seeds: list[int], *, recipe: str | None = None,
+                       overrides: dict[str, Any] | None = None, out: Path | None = None,
+                       console=None) -> list[dict[str, Any]]:
+    """One fine-tuning run per seed in `<out>/seed-<k>` (reused when finished, resumed when interrupted); the
+    default folder is named by the config without its seed, so rerunning the command finds its runs."""
+    from tntcli.seeds import config_digest, train_seeds
+
+    if checkpoint is None:
+        raise TntError("--checkpoint is required: the pretrained weights to fine-tune")
+    cfg = transfer_config(checkpoint, recipe=recipe, overrides=overrides)
+    if out is None:
+        out = Path("runs") / f"transfer-{cfg.model.name}-{run_model_config(cfg).img_size}px-" \
+                             f"{dataset_label(cfg.data.data)}-{config_digest(cfg, ignore_seed=True)}"
+    return train_seeds(cfg, seeds, out, console=console)
+
+
 def summary_line(summary: dict[str, Any]) -> str:
     return (f"done: {summary['model']} at {summary['img_size']}px on {summary['data']} ({summary['num_classes']} "
             f"classes): final top-1 {summary['final_top1']:.2f}%, best {summary['best_top1']:.2f}% "
@@ -153,8 +166,8 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ table
-TABLE_COLUMNS = ["model", "img_size", "dataset", "init", "paper_top1", "ours_top1", "ours_best_top1", "epochs",
-                 "status", "run"]
+TABLE_COLUMNS = ["model", "img_size", "dataset", "init", "paper_top1", "paper_note", "ours_top1", "ours_best_top1",
+                 "epochs", "seed", "status", "run"]
 
 
 def paper_transfer() -> dict[str, Any]:
@@ -168,17 +181,29 @@ def _run_rows(runs_dir: Path) -> list[dict[str, Any]]:
     for run in find_runs(runs_dir):
         if run["config"] is None:
             continue
-        pretrained = (run["config"].get("model") or {}).get("pretrained")
+        pretrained = run["pretrained"]
         rows.append({"model": run["model"], "img_size": run["img_size"], "dataset": dataset_label(run["data"]),
                      "init": "/".join(Path(pretrained).parts[-2:]) if pretrained else "scratch",
                      "ours_top1": _percent(run.get("final_top1")), "ours_best_top1": _percent(run.get("best_top1")),
-                     "epochs": f"{run['epochs_done']}/{run['epochs']}", "status": run["status"],
+                     "epochs": f"{run['epochs_done']}/{run['epochs']}", "status": run["status"], "seed": run["seed"],
                      "run": str(Path(run["run_dir"]).relative_to(runs_dir))})
     return rows
 
 
 def _percent(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
+
+
+def _paper_gap(row: dict[str, Any], entry: dict[str, Any]) -> str:
+    """'' when a run is in the paper's Table 9 setting (its model and dataset, fine-tuned from weights at the
+    paper's size), else why its paper_top1 is empty."""
+    if not entry:
+        return f"the paper's Table 9 has no {row['model']}"
+    if row["dataset"] not in entry or entry.get(row["dataset"]) is None:
+        return f"the paper's Table 9 has no {row['model']} on {row['dataset']}"
+    if row["img_size"] != entry["img_size"]:
+        return f"{row['img_size']}px, not the paper's {entry['img_size']}px"
+    return "" if row["init"] != "scratch" else "trained from scratch, not fine-tuned"
 
 
 def transfer_table(runs_dir: str | Path) -> pd.DataFrame:
@@ -192,7 +217,8 @@ def transfer_table(runs_dir: str | Path) -> pd.DataFrame:
     rows = [r for r in rows if r["dataset"] in transfer_sets]
     for r in rows:
         entry = paper["top1"].get(r["model"], {})
-        r["paper_top1"] = entry.get(r["dataset"]) if r["img_size"] == entry.get("img_size") else None
+        r["paper_note"] = _paper_gap(r, entry)
+        r["paper_top1"] = None if r["paper_note"] else entry[r["dataset"]]
     covered = {(r["model"], r["img_size"], r["dataset"]) for r in rows if r["init"] != "scratch"}
     for model, entry in paper["top1"].items():
         for dataset in paper["datasets"]:
@@ -215,9 +241,12 @@ def write_transfer_table(runs_dir: str | Path = "runs", results_dir: str | Path 
         f"{paper['table']}): {paper['note']}.",
         "ours_top1: final-epoch top-1 (%) on the dataset's val/test split, from each run's summary.json; "
         "ours_best_top1: best epoch (model or EMA) on that same split, so an optimistic pick.",
+        "paper_note: why a run has no paper figure beside it (another size, model or data set than the paper's "
+        "Table 9, or trained from scratch).",
         "init: the checkpoint a run was fine-tuned from (folder/file), or `scratch` (a from-scratch baseline on a "
         "dataset that a transfer run used). run: the run folder under the runs folder.",
-        f"Built by `tnt transfer --table --runs {runs_dir}`.",
+        "seed: the run's train.seed (`tnt transfer --seeds N` makes one run folder per seed).",
+        f"Built by `tnt transfer --table --runs {folder_label(runs_dir)}`.",
     ]
     return write_table(transfer_table(runs_dir), results_dir, "transfer",
                        "Transfer learning: ours vs the paper's Table 9 (top-1 %)", footnotes)

@@ -15,12 +15,16 @@ from tntcli.engine import distributed, runtime
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, env: distributed.DistEnv | None = None,
-             autocast: Callable = nullcontext, progress=None) -> dict[str, Any]:
-    """Loss, top-1 and top-5 (percent) and images/s of `model` on `loader` (each rank its shard)."""
+             autocast: Callable = nullcontext, progress=None, per_image: bool = False) -> dict[str, Any]:
+    """Loss, top-1 and top-5 (percent) and images/s of `model` on `loader` (each rank its shard).
+
+    `per_image`: also `labels` and `preds` (top-1 class), lists in loader order over this rank's images (for
+    paired bootstraps over validation images; see tntcli.stats)."""
     env = env or distributed.DistEnv()
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = n = 0.0
+    seen_labels, preds = [], []
     t0 = time.perf_counter()
     for images, labels in loader:
         with autocast():
@@ -32,6 +36,9 @@ def evaluate(model: nn.Module, loader, *, env: distributed.DistEnv | None = None
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
         n += labels.shape[0]
+        if per_image:
+            seen_labels.append(labels.cpu())
+            preds.append(top5[:, 0].cpu())
         if progress is not None:
             progress(labels.shape[0])
     seconds = time.perf_counter() - t0
@@ -39,8 +46,11 @@ def evaluate(model: nn.Module, loader, *, env: distributed.DistEnv | None = None
     model.train(was_training)
     if n == 0:
         return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "n_images": 0, "img_per_s": 0.0}
-    return {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n,
-            "n_images": int(n), "img_per_s": n / seconds if seconds > 0 else float("nan")}
+    out = {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n,
+           "n_images": int(n), "img_per_s": n / seconds if seconds > 0 else float("nan")}
+    if per_image:
+        out.update(labels=torch.cat(seen_labels).tolist(), preds=torch.cat(preds).tolist())
+    return out
 
 
 EVAL_COLUMNS = ["model", "checkpoint", "ema", "data", "top1", "top5", "loss", "img_per_s", "n_images", "img_size",
