@@ -275,3 +275,15 @@ def test_a_rank_failing_before_ddp_fails_every_rank_with_one_message(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("building the model failed on rank 1: ModuleNotFoundError: No module named 'fvcore'") \
         == 2, done.stderr[-3000:]
+
+
+def test_a_resume_after_an_epochs_last_step_records_the_rate_that_epoch_trained_at(finished_run, tmp_path):
+    """Stopped at the last step of epoch 1, the resumed run has no step left in that epoch; its metrics row must
+    still carry epoch 1's rate (not the next epoch's, which the scheduler has already moved to)."""
+    run = tmp_path / "stopped-at-epoch-end"
+    with pytest.raises(Preempted):
+        train(tiny_config(), out=run, stop=StopAfter(3))     # 4 steps per epoch: stops at epoch 1, step 4
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 4)
+    train(tiny_config(), resume=run)
+    assert metrics(run).lr.tolist() == metrics(finished_run).lr.tolist()

@@ -54,3 +54,8 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, lr: float, steps
         return lr_factor(t, **shape)
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def last_step_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The rate of param group 0 at the optimiser step last taken (the scheduler has moved past it already)."""
+    return sched.base_lrs[0] * sched.lr_lambdas[0](max(sched.last_epoch - 1, 0))

@@ -31,7 +31,7 @@ from tntcli.engine.evaluate import evaluate
 from tntcli.engine.progress import Reporter
 from tntcli.engine.runtime import amp_dtype, autocast, count_gmacs, device_name
 from tntcli.engine.step import ModelEma, TrainStep, adamw
-from tntcli.engine.schedule import build_scheduler
+from tntcli.engine.schedule import build_scheduler, last_step_lr
 from tntcli.errors import Preempted, TntError
 from tntcli.models.weights import load_pretrained, model_record
 from tntcli.models.registry import build_model, get_spec
@@ -351,7 +351,8 @@ def train_one_epoch(run: Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
     seen, logged = done["seen"], (done["loss_sum"], done["steps"])
     t0 = time.perf_counter() - done["seconds"]
     every, log_every = cfg.train.checkpoint_every_steps, cfg.train.log_every
-    lr = run.opt.param_groups[0]["lr"]
+    # the rate of the epoch's last step taken so far: a resume past every step of the epoch takes none here
+    lr = last_step_lr(run.sched) if run.skip_steps else run.opt.param_groups[0]["lr"]
 
     def progress() -> dict[str, float]:
         loss_sum, steps, _, _ = check(run, tally, epoch)
