@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # The test models are tiny: one thread per process costs nothing and avoids the 5-10x slowdown of
 # oversubscribed cores when subprocess tests (torchrun, kill/resume) run beside the main process.
@@ -33,6 +35,29 @@ def make_image_folder(root: Path, classes=("cat", "dog", "emu"), per_class=(8, 3
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "imgs")
+
+
+# ------------------------------------------------------------------------------------------ the command line
+@pytest.fixture
+def tnt_main(monkeypatch, capsys):
+    """`tnt ARGS` through the console entry point `main()` in this process, from `cwd` if given: the exit code,
+    stdout and stderr as a CompletedProcess, without the 2-4 s of a fresh interpreter importing torch.
+    (tests/test_cli_models.py runs `python -m tntcli.cli` in a fresh process once, for the process exit.)"""
+    from tntcli.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        argv = ["tnt", *map(str, args)]
+        capsys.readouterr()                                  # drop what the test printed before
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", argv)
+            if cwd is not None:
+                patch.chdir(cwd)
+            with pytest.raises(SystemExit) as stop:          # main() always exits, with 0 on success
+                main()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, stop.value.code, out, err)
+
+    return run
 
 
 def _ffcv_available() -> bool:

@@ -204,8 +204,8 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_eval_reports_top1_top5_as_json_and_appends_results_row(finished_run, tmp_path):
-    result = run_cli("eval", "--checkpoint", str(finished_run / "best.pt"), "--data", "digits", "--workers", "0",
+def test_eval_reports_top1_top5_as_json_and_appends_results_row(finished_run, tmp_path, tnt_main):
+    result = tnt_main("eval", "--checkpoint", str(finished_run / "best.pt"), "--data", "digits", "--workers", "0",
                      "--json", "--results", str(tmp_path))
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
@@ -223,9 +223,9 @@ def test_eval_reports_top1_top5_as_json_and_appends_results_row(finished_run, tm
     (["train", "--resume", "/nonexistent/run"], "cannot resume"),
     (["eval", "--checkpoint", "/nonexistent.pt", "--data", "digits"], "checkpoint not found"),
 ])
-def test_cli_bad_input_is_one_line_and_nonzero(args, message):
-    result = run_cli(*args)
-    assert result.returncode != 0
+def test_cli_bad_input_is_one_line_and_nonzero(args, message, tnt_main):
+    result = tnt_main(*args)
+    assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
