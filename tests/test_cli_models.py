@@ -85,19 +85,24 @@ def test_user_mistakes_raise_a_tnt_error_before_writing_anything(tmp_path, args,
     assert not list(tmp_path.iterdir())
 
 
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    """The installed entry point, `main()`, which turns user errors into one line on stderr and exit code 2."""
-    return subprocess.run([sys.executable, "-m", "tntcli.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--model", "tnt-xl"], "unknown model 'tnt-xl'; choose one of: tnt-ti, tnt-s, tnt-b"),
     (["--bogus"], "No such option: --bogus"),
 ], ids=["unknown model", "unknown option"])
-def test_main_prints_one_error_line_without_traceback_and_exits_2(tmp_path, args, message):
-    proc = run_main("flops", *args, "--out", str(tmp_path))
+def test_main_prints_one_error_line_without_traceback_and_exits_2(tmp_path, args, message, tnt_main):
+    """The console entry point `main()` (in-process: its user-error and click-usage-error branches)."""
+    proc = tnt_main("flops", *args, "--out", str(tmp_path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and message in proc.stderr
+
+
+def test_python_m_tntcli_cli_exits_2_with_one_error_line_from_a_fresh_process(tmp_path):
+    """`python -m tntcli.cli` (the module's __main__ guard calls main()): the real process exit code and stderr,
+    nothing else printed on start-up. The suite's one fresh-interpreter check of an error exit."""
+    proc = subprocess.run([sys.executable, "-m", "tntcli.cli", "flops", "--model", "tnt-xl", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert proc.stdout == "" and line.startswith("error: unknown model 'tnt-xl'; choose one of: tnt-ti, tnt-s, tnt-b")
