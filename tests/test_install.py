@@ -177,12 +177,14 @@ def test_out_on_an_unwritable_place_is_one_line_and_exit_2(tmp_path, tnt_main):
 CUDA_CHATTER = "No CUDA runtime is found"
 
 
-def test_cpu_commands_print_no_cuda_runtime_line(tmp_path):
+def test_cpu_commands_print_no_cuda_runtime_line(tmp_path, image_folder):
     """torch.utils.cpp_extension logs that line when imported; only building the CPU kernel should import it.
     The line comes once per process, at that import: one fresh interpreter runs `tnt flops` and a training step
-    (using the built kernel) through `main()`, one after the other."""
+    of the quickstart model (its CPU backend loads the built kernel) through `main()`, one after the other. The
+    step trains on a 9-image validation folder: the command path is the same as on digits, the evaluation short."""
     commands = [["flops", "-m", "tnt-ti", "--out", str(tmp_path / "flops")],
-                ["train", "--recipe", "quickstart", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / "r")]]
+                ["train", "--recipe", "quickstart", "--data", str(image_folder), "--batch-size", "8", "--workers", "0",
+                 "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / "r")]]
     driver = ("import json, sys\n"
               "from tntcli.cli import main\n"
               "for args in json.loads(sys.argv[1]):\n"
