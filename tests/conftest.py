@@ -76,6 +76,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip(message)
 
 
+# ------------------------------------------------------------------------------------------ engine
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished run of tests/test_engine.py's `tiny_config()` (3 epochs, every engine feature on), trained once
+    per session for the tests that only read or copy it (run folder contract, eval, weights-only files, exact
+    resume): none may change it."""
+    from test_engine import tiny_config
+
+    from tntcli.engine.train import train
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    train(tiny_config(), out=run)
+    return run
+
+
 # ------------------------------------------------------------------------------------------ flops
 @pytest.fixture(scope="session")
 def paper_flops_table():

@@ -38,11 +38,10 @@ def metrics(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "metrics.csv")
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "full"
-    train(tiny_config(), out=run)
-    return run
+@pytest.fixture
+def finished_run(tiny_run) -> Path:
+    """`tiny_config()` trained to the end (once per session: tests/conftest.py)."""
+    return tiny_run
 
 
 def test_run_folder_holds_config_metrics_checkpoints_summary_and_plot(finished_run):

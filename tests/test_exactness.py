@@ -63,11 +63,10 @@ def assert_same_run(resumed: Path, reference: Path, rng: bool = True) -> None:
     assert a["ema"] is not None and a["optimizer"]["state"]                  # the compared parts are really there
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("exact") / "full"
-    train(tiny_config(), out=run)
-    return run
+@pytest.fixture
+def uninterrupted(tiny_run) -> Path:
+    """`tiny_config()` trained to the end without a stop (once per session: tests/conftest.py)."""
+    return tiny_run
 
 
 def test_resume_at_an_epoch_boundary_is_bit_identical(uninterrupted, tmp_path):
