@@ -175,6 +175,7 @@ def test_out_on_an_unwritable_place_is_one_line_and_exit_2(tmp_path, tnt_main):
 CUDA_CHATTER = "No CUDA runtime is found"
 
 
+@pytest.mark.slow                       # a fresh interpreter importing the whole training stack: ~5 s of CPU
 def test_cpu_commands_print_no_cuda_runtime_line(tmp_path, image_folder):
     """torch.utils.cpp_extension logs that line when imported; only building the CPU kernel should import it.
     The line comes once per process, at that import: one fresh interpreter runs `tnt flops` and a training step
