@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from tntcli.cli import app
 from tntcli.errors import TntError
-from tntcli.flops import PAPER_MODELS
 
 from test_flops import closed_form
 
@@ -55,23 +54,6 @@ def test_flops_by_module_prints_where_the_macs_go(tmp_path):
 def test_repeating_a_model_gives_one_row(tmp_path):
     tnt("flops", "-m", "tnt-ti", "-m", "deit-ti", "-m", "tnt-ti", "--out", str(tmp_path))
     assert pd.read_csv(tmp_path / "flops.csv").model.tolist() == ["tnt-ti", "deit-ti"]
-
-
-@pytest.mark.slow
-def test_flops_all_writes_the_measured_table_of_every_paper_model(tmp_path, paper_flops_table, monkeypatch):
-    """The CLI's wiring; the table itself is measured once per session (test_flops.py checks its numbers)."""
-    from tntcli import flops
-
-    asked = []
-    monkeypatch.setattr(flops, "flops_table", lambda names, img_size: asked.append((names, img_size))
-                        or paper_flops_table)
-    tnt("flops", "--all", "--out", str(tmp_path))
-    assert asked == [(PAPER_MODELS, 224)]
-    df = pd.read_csv(tmp_path / "flops.csv")
-    assert df.model.tolist() == PAPER_MODELS
-    pd.testing.assert_frame_equal(df, paper_flops_table, check_exact=True, check_dtype=False)
-    assert ((df.gmacs - df.paper_gmacs).abs() <= 0.05).all()          # the paper prints one decimal
-    assert (df.params_rel_diff.abs() <= 0.01).all()
 
 
 # ------------------------------------------------------------------------------------------------ errors
