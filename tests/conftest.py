@@ -91,6 +91,16 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture
+def no_training_curves(monkeypatch):
+    """For tests whose subject is not the curves plot: a finished run skips drawing curves.png/.svg (matplotlib's
+    render is a third of a tiny run's CPU time). The run-folder test in tests/test_engine.py checks the real files,
+    from `tiny_run`, which is session-scoped and so always built before this function-scoped patch applies."""
+    from tntcli import results
+
+    monkeypatch.setattr(results, "plot_training_curves", lambda histories, stem: [])
+
+
 # ------------------------------------------------------------------------------------------ flops
 @pytest.fixture(scope="session")
 def paper_flops_table():

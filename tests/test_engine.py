@@ -119,7 +119,7 @@ def test_resuming_with_another_number_of_processes_is_refused_with_how_to(finish
         train(tiny_config(**{"train.epochs": 4}), resume=run)
 
 
-def test_existing_run_folder_is_refused_unless_overwrite(finished_run, tmp_path):
+def test_existing_run_folder_is_refused_unless_overwrite(finished_run, tmp_path, no_training_curves):
     with pytest.raises(TntError, match="already exists.*--resume"):
         train(tiny_config(), out=finished_run)
     target = tmp_path / "again"
@@ -145,7 +145,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
 
 
-def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, monkeypatch):
+def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, monkeypatch, no_training_curves):
     import io
 
     from rich.console import Console
@@ -167,7 +167,7 @@ def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, monkeypa
     assert metrics(tmp_path / "skip").train_loss.notna().all()
 
 
-def test_one_process_says_once_that_repeated_augmentation_is_off(tmp_path, monkeypatch):
+def test_one_process_says_once_that_repeated_augmentation_is_off(tmp_path, monkeypatch, no_training_curves):
     import io
 
     from rich.console import Console

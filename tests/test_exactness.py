@@ -21,6 +21,9 @@ from tntcli.errors import Preempted
 
 from test_engine import StopAfter, tiny_config
 
+# Runs here finish without drawing curves.png/.svg: the plot is not what these tests are about (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_training_curves")
+
 TIMING = {"img_per_s", "seconds"}                      # wall-clock: the only values allowed to differ
 
 

@@ -134,7 +134,7 @@ def test_concurrent_results_writers_lose_no_row(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))                   # no temp file left behind
 
 
-def test_a_truncated_image_is_skipped_with_a_warning_or_stops_the_run_under_strict(tmp_path):
+def test_a_truncated_image_is_skipped_with_a_warning_or_stops_the_run_under_strict(tmp_path, no_training_curves):
     from conftest import make_image_folder
     from test_engine import tiny_config
 

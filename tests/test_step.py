@@ -16,6 +16,9 @@ from tntcli.models import create_model
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine import tiny_config  # noqa: E402
 
+# Runs here finish without drawing curves.png/.svg: the plot is not what these tests are about (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_training_curves")
+
 TINY = dict(depth=1, patch_size=8, inner_stride=4, dim=32, heads=2, word_dim=8, inner_heads=2, img_size=16,
             num_classes=10, drop_path_rate=0.0)
 

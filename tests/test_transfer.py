@@ -24,6 +24,10 @@ from tntcli.models.weights import read_checkpoint, resize_pos_embed, to_ours, un
 from tntcli.transfer import default_recipe, run_transfer, transfer_config, transfer_table, write_transfer_table
 
 
+# Runs here finish without drawing curves.png/.svg: the plot is not what these tests are about (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_training_curves")
+
+
 def source_weights(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights in our layout, as the engine reads them."""
     return to_ours(unwrap_state_dict(read_checkpoint(path)))[1]
