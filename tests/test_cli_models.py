@@ -24,17 +24,17 @@ def tnt(*args: str):
 
 
 def test_flops_writes_a_csv_and_a_markdown_table(tmp_path):
-    result = tnt("flops", "--model", "tnt-s", "--out", str(tmp_path))
+    result = tnt("flops", "--model", "tnt-ti", "--out", str(tmp_path))
     df = pd.read_csv(tmp_path / "flops.csv")
     assert {"model", "params_m", "gmacs", "paper_params_m", "paper_gmacs"} <= set(df.columns)
     row = df.iloc[0]
-    assert row.model == "tnt-s" and len(df) == 1
-    params, macs = closed_form("tnt-s")                                  # Eq. 17/18 and the rest, in test_flops
+    assert row.model == "tnt-ti" and len(df) == 1
+    params, macs = closed_form("tnt-ti")                                 # Eq. 17/18 and the rest, in test_flops
     assert (row.params_m, row.gmacs) == (round(params / 1e6, 3), round(macs / 1e9, 3))
-    assert (row.paper_params_m, row.paper_gmacs) == (23.8, 5.2)
+    assert (row.paper_params_m, row.paper_gmacs) == (6.1, 1.4)           # the paper, Sec. 3.2
     md = (tmp_path / "flops.md").read_text()
-    assert md.startswith("# Params and GMACs at 224px") and "| tnt-s " in md and "paper's printed figures" in md
-    assert "tnt-s" in result.output and "flops.csv" in result.output
+    assert md.startswith("# Params and GMACs at 224px") and "| tnt-ti " in md and "paper's printed figures" in md
+    assert "tnt-ti" in result.output and "flops.csv" in result.output
 
 
 def test_flops_at_another_resolution_writes_its_own_files_without_paper_figures(tmp_path):
