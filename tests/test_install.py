@@ -23,13 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = dict(depth=1, patch_size=8, inner_stride=4, dim=32, heads=2, word_dim=8, inner_heads=2, img_size=16)
 
 
-def tnt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The CLI in a fresh process, from `cwd`, with the checkout importable but not the working folder."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "tntcli.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
-
-
 # ------------------------------------------------------------------------------------------------ recipes
 SHIPPED = ["deit-b-imagenet", "deit-s-imagenet", "deit-ti-imagenet", "quickstart", "tnt-b-imagenet", "tnt-s-imagenet",
            "tnt-ti-imagenet", "transfer/cifar10", "transfer/cifar100", "transfer/default", "transfer/flowers102",
@@ -180,7 +173,7 @@ def test_cpu_commands_print_no_cuda_runtime_line(tmp_path, image_folder):
     """torch.utils.cpp_extension logs that line when imported; only building the CPU kernel should import it.
     The line comes once per process, at that import: one fresh interpreter runs `tnt flops` and a training step
     of the quickstart model (its CPU backend loads the built kernel) through `main()`, one after the other. The
-    step trains on a 9-image validation folder: the command path is the same as on digits, the evaluation short."""
+    step trains on a generated folder (24 train, 9 val images): the same command path as digits, a short evaluation."""
     commands = [["flops", "-m", "tnt-ti", "--out", str(tmp_path / "flops")],
                 ["train", "--recipe", "quickstart", "--data", str(image_folder), "--batch-size", "8", "--workers", "0",
                  "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / "r")]]
@@ -193,7 +186,7 @@ def test_cpu_commands_print_no_cuda_runtime_line(tmp_path, image_folder):
               "    except SystemExit as stop:\n"
               "        if stop.code:\n"
               "            raise\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}     # the checkout, not the working folder
     result = subprocess.run([sys.executable, "-c", driver, json.dumps(commands)], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
