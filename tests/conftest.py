@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # The test models are tiny: one thread per process costs nothing and avoids the 5-10x slowdown of
 # oversubscribed cores when subprocess tests (torchrun, kill/resume) run beside the main process.
@@ -35,6 +37,29 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "imgs")
 
 
+# ------------------------------------------------------------------------------------------ the command line
+@pytest.fixture
+def tnt_main(monkeypatch, capsys):
+    """`tnt ARGS` through the console entry point `main()` in this process, from `cwd` if given: the exit code,
+    stdout and stderr as a CompletedProcess, without the 2-4 s of a fresh interpreter importing torch.
+    (tests/test_cli_models.py runs `python -m tntcli.cli` in a fresh process once, for the process exit.)"""
+    from tntcli.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        argv = ["tnt", *map(str, args)]
+        capsys.readouterr()                                  # drop what the test printed before
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", argv)
+            if cwd is not None:
+                patch.chdir(cwd)
+            with pytest.raises(SystemExit) as stop:          # main() always exits, with 0 on success
+                main()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, stop.value.code, out, err)
+
+    return run
+
+
 def _ffcv_available() -> bool:
     from tntcli.data.beton import ffcv_available
 
@@ -49,6 +74,31 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("TNT_REQUIRE_FFCV") == "1":
         pytest.fail(f"{message} but TNT_REQUIRE_FFCV=1", pytrace=False)
     pytest.skip(message)
+
+
+# ------------------------------------------------------------------------------------------ engine
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished run of tests/test_engine.py's `tiny_config()` (3 epochs, every engine feature on), trained once
+    per session for the tests that only read or copy it (run folder contract, eval, weights-only files, exact
+    resume): none may change it."""
+    from test_engine import tiny_config
+
+    from tntcli.engine.train import train
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    train(tiny_config(), out=run)
+    return run
+
+
+@pytest.fixture
+def no_training_curves(monkeypatch):
+    """For tests whose subject is not the curves plot: a finished run skips drawing curves.png/.svg (matplotlib's
+    render is a third of a tiny run's CPU time). The run-folder test in tests/test_engine.py checks the real files,
+    from `tiny_run`, which is session-scoped and so always built before this function-scoped patch applies."""
+    from tntcli import results
+
+    monkeypatch.setattr(results, "plot_training_curves", lambda histories, stem: [])
 
 
 # ------------------------------------------------------------------------------------------ flops

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from tntcli.cli import app
 from tntcli.errors import TntError
-from tntcli.flops import PAPER_MODELS
 
 from test_flops import closed_form
 
@@ -25,17 +24,17 @@ def tnt(*args: str):
 
 
 def test_flops_writes_a_csv_and_a_markdown_table(tmp_path):
-    result = tnt("flops", "--model", "tnt-s", "--out", str(tmp_path))
+    result = tnt("flops", "--model", "tnt-ti", "--out", str(tmp_path))
     df = pd.read_csv(tmp_path / "flops.csv")
     assert {"model", "params_m", "gmacs", "paper_params_m", "paper_gmacs"} <= set(df.columns)
     row = df.iloc[0]
-    assert row.model == "tnt-s" and len(df) == 1
-    params, macs = closed_form("tnt-s")                                  # Eq. 17/18 and the rest, in test_flops
+    assert row.model == "tnt-ti" and len(df) == 1
+    params, macs = closed_form("tnt-ti")                                 # Eq. 17/18 and the rest, in test_flops
     assert (row.params_m, row.gmacs) == (round(params / 1e6, 3), round(macs / 1e9, 3))
-    assert (row.paper_params_m, row.paper_gmacs) == (23.8, 5.2)
+    assert (row.paper_params_m, row.paper_gmacs) == (6.1, 1.4)           # the paper, Sec. 3.2
     md = (tmp_path / "flops.md").read_text()
-    assert md.startswith("# Params and GMACs at 224px") and "| tnt-s " in md and "paper's printed figures" in md
-    assert "tnt-s" in result.output and "flops.csv" in result.output
+    assert md.startswith("# Params and GMACs at 224px") and "| tnt-ti " in md and "paper's printed figures" in md
+    assert "tnt-ti" in result.output and "flops.csv" in result.output
 
 
 def test_flops_at_another_resolution_writes_its_own_files_without_paper_figures(tmp_path):
@@ -57,23 +56,6 @@ def test_repeating_a_model_gives_one_row(tmp_path):
     assert pd.read_csv(tmp_path / "flops.csv").model.tolist() == ["tnt-ti", "deit-ti"]
 
 
-@pytest.mark.slow
-def test_flops_all_writes_the_measured_table_of_every_paper_model(tmp_path, paper_flops_table, monkeypatch):
-    """The CLI's wiring; the table itself is measured once per session (test_flops.py checks its numbers)."""
-    from tntcli import flops
-
-    asked = []
-    monkeypatch.setattr(flops, "flops_table", lambda names, img_size: asked.append((names, img_size))
-                        or paper_flops_table)
-    tnt("flops", "--all", "--out", str(tmp_path))
-    assert asked == [(PAPER_MODELS, 224)]
-    df = pd.read_csv(tmp_path / "flops.csv")
-    assert df.model.tolist() == PAPER_MODELS
-    pd.testing.assert_frame_equal(df, paper_flops_table, check_exact=True, check_dtype=False)
-    assert ((df.gmacs - df.paper_gmacs).abs() <= 0.05).all()          # the paper prints one decimal
-    assert (df.params_rel_diff.abs() <= 0.01).all()
-
-
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("args, message", [
     ([], "name a model with --model"),
@@ -85,19 +67,24 @@ def test_user_mistakes_raise_a_tnt_error_before_writing_anything(tmp_path, args,
     assert not list(tmp_path.iterdir())
 
 
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    """The installed entry point, `main()`, which turns user errors into one line on stderr and exit code 2."""
-    return subprocess.run([sys.executable, "-m", "tntcli.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--model", "tnt-xl"], "unknown model 'tnt-xl'; choose one of: tnt-ti, tnt-s, tnt-b"),
     (["--bogus"], "No such option: --bogus"),
 ], ids=["unknown model", "unknown option"])
-def test_main_prints_one_error_line_without_traceback_and_exits_2(tmp_path, args, message):
-    proc = run_main("flops", *args, "--out", str(tmp_path))
+def test_main_prints_one_error_line_without_traceback_and_exits_2(tmp_path, args, message, tnt_main):
+    """The console entry point `main()` (in-process: its user-error and click-usage-error branches)."""
+    proc = tnt_main("flops", *args, "--out", str(tmp_path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and message in proc.stderr
+
+
+def test_python_m_tntcli_cli_exits_2_with_one_error_line_from_a_fresh_process(tmp_path):
+    """`python -m tntcli.cli` (the module's __main__ guard calls main()): the real process exit code and stderr,
+    nothing else printed on start-up. The suite's one fresh-interpreter check of an error exit."""
+    proc = subprocess.run([sys.executable, "-m", "tntcli.cli", "flops", "--model", "tnt-xl", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert proc.stdout == "" and line.startswith("error: unknown model 'tnt-xl'; choose one of: tnt-ti, tnt-s, tnt-b")

@@ -38,11 +38,10 @@ def metrics(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "metrics.csv")
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "full"
-    train(tiny_config(), out=run)
-    return run
+@pytest.fixture
+def finished_run(tiny_run) -> Path:
+    """`tiny_config()` trained to the end (once per session: tests/conftest.py)."""
+    return tiny_run
 
 
 def test_run_folder_holds_config_metrics_checkpoints_summary_and_plot(finished_run):
@@ -120,7 +119,7 @@ def test_resuming_with_another_number_of_processes_is_refused_with_how_to(finish
         train(tiny_config(**{"train.epochs": 4}), resume=run)
 
 
-def test_existing_run_folder_is_refused_unless_overwrite(finished_run, tmp_path):
+def test_existing_run_folder_is_refused_unless_overwrite(finished_run, tmp_path, no_training_curves):
     with pytest.raises(TntError, match="already exists.*--resume"):
         train(tiny_config(), out=finished_run)
     target = tmp_path / "again"
@@ -151,7 +150,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
 
 
-def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, nan_at_step_6):
+def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, nan_at_step_6, no_training_curves):
     import io
 
     from rich.console import Console
@@ -164,7 +163,7 @@ def test_skip_policy_skips_the_non_finite_step_and_says_which(tmp_path, nan_at_s
     assert metrics(tmp_path / "skip").train_loss.notna().all()
 
 
-def test_one_process_says_once_that_repeated_augmentation_is_off(tmp_path, monkeypatch):
+def test_one_process_says_once_that_repeated_augmentation_is_off(tmp_path, monkeypatch, no_training_curves):
     import io
 
     from rich.console import Console
@@ -200,8 +199,8 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_eval_reports_top1_top5_as_json_and_appends_results_row(finished_run, tmp_path):
-    result = run_cli("eval", "--checkpoint", str(finished_run / "best.pt"), "--data", "digits", "--workers", "0",
+def test_eval_reports_top1_top5_as_json_and_appends_results_row(finished_run, tmp_path, tnt_main):
+    result = tnt_main("eval", "--checkpoint", str(finished_run / "best.pt"), "--data", "digits", "--workers", "0",
                      "--json", "--results", str(tmp_path))
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
@@ -219,9 +218,9 @@ def test_eval_reports_top1_top5_as_json_and_appends_results_row(finished_run, tm
     (["train", "--resume", "/nonexistent/run"], "cannot resume"),
     (["eval", "--checkpoint", "/nonexistent.pt", "--data", "digits"], "checkpoint not found"),
 ])
-def test_cli_bad_input_is_one_line_and_nonzero(args, message):
-    result = run_cli(*args)
-    assert result.returncode != 0
+def test_cli_bad_input_is_one_line_and_nonzero(args, message, tnt_main):
+    result = tnt_main(*args)
+    assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

@@ -21,6 +21,9 @@ from tntcli.errors import Preempted
 
 from test_engine import StopAfter, tiny_config
 
+# Runs here finish without drawing curves.png/.svg: the plot is not what these tests are about (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_training_curves")
+
 TIMING = {"img_per_s", "seconds"}                      # wall-clock: the only values allowed to differ
 
 
@@ -63,11 +66,10 @@ def assert_same_run(resumed: Path, reference: Path, rng: bool = True) -> None:
     assert a["ema"] is not None and a["optimizer"]["state"]                  # the compared parts are really there
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("exact") / "full"
-    train(tiny_config(), out=run)
-    return run
+@pytest.fixture
+def uninterrupted(tiny_run) -> Path:
+    """`tiny_config()` trained to the end without a stop (once per session: tests/conftest.py)."""
+    return tiny_run
 
 
 def test_resume_at_an_epoch_boundary_is_bit_identical(uninterrupted, tmp_path):

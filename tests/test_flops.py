@@ -121,6 +121,22 @@ def test_the_all_models_table_equals_the_closed_forms_and_sits_beside_the_paper(
     assert ((paper_table.gmacs - paper_table.paper_gmacs).abs() <= 0.05).all()    # the paper prints one decimal
 
 
+@pytest.mark.slow
+def test_flops_all_writes_the_measured_table_of_every_paper_model(tmp_path, paper_flops_table, monkeypatch, tnt_main):
+    """`tnt flops --all`'s wiring; the table is the one measured once per session (checked above). In this file,
+    beside the other user of that table, so that a test process measuring it measures it for both."""
+    asked = []
+    monkeypatch.setattr(flops, "flops_table", lambda names, img_size: asked.append((names, img_size))
+                        or paper_flops_table)
+    assert tnt_main("flops", "--all", "--out", str(tmp_path)).returncode == 0
+    assert asked == [(flops.PAPER_MODELS, 224)]
+    df = pd.read_csv(tmp_path / "flops.csv")
+    assert df.model.tolist() == flops.PAPER_MODELS
+    pd.testing.assert_frame_equal(df, paper_flops_table, check_exact=True, check_dtype=False)
+    assert ((df.gmacs - df.paper_gmacs).abs() <= 0.05).all()          # the paper prints one decimal
+    assert (df.params_rel_diff.abs() <= 0.01).all()
+
+
 def second_count(name: str, img_size: int, **arch) -> int:
     """MACs of the same forward by torch's FlopCounterMode (matmul-type ops, 2 flops per MAC) plus the LayerNorms
     it does not count, at fvcore's 5 per element, from the norms' actual inputs."""

@@ -3,6 +3,7 @@ defaults that are never the ImageNet pre-training ones, .safetensors and weights
 errors for a bad --out, and no torch build chatter. (`make wheel-check` runs the built wheel itself.)"""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,13 +21,6 @@ from tntcli.transfer import default_recipe, head_swap, transfer_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(depth=1, patch_size=8, inner_stride=4, dim=32, heads=2, word_dim=8, inner_heads=2, img_size=16)
-
-
-def tnt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The CLI in a fresh process, from `cwd`, with the checkout importable but not the working folder."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "tntcli.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -58,8 +52,8 @@ def test_a_recipe_is_found_by_name_from_any_folder_and_a_path_still_works(tmp_pa
     assert load_recipe("mine.yaml") == {"train": {"epochs": 7}}      # relative to the working folder
 
 
-def test_a_named_recipe_that_does_not_exist_is_an_error_listing_the_shipped_ones(tmp_path):
-    result = tnt("train", "--recipe", "tnt-s-imagenett", "--data", "digits", cwd=tmp_path)
+def test_a_named_recipe_that_does_not_exist_is_an_error_listing_the_shipped_ones(tmp_path, tnt_main):
+    result = tnt_main("train", "--recipe", "tnt-s-imagenett", "--data", "digits", cwd=tmp_path)
     assert result.returncode == 2
     line, = result.stderr.strip().splitlines()
     assert "recipe 'tnt-s-imagenett' not found" in line and "tnt-s-imagenet" in line and "quickstart" in line
@@ -90,8 +84,8 @@ def test_a_named_dataset_uses_its_shipped_transfer_recipe(tiny_checkpoint, tmp_p
 
 
 def test_transfer_cli_on_a_folder_says_its_recipe_and_head_swap_and_fine_tunes(tiny_checkpoint, image_folder,
-                                                                               tmp_path):
-    result = tnt("transfer", "--checkpoint", str(tiny_checkpoint), "--data", str(image_folder), "--epochs", "1",
+                                                                               tmp_path, tnt_main):
+    result = tnt_main("transfer", "--checkpoint", str(tiny_checkpoint), "--data", str(image_folder), "--epochs", "1",
                  "--batch-size", "8", "--workers", "0", "--out", str(tmp_path / "ft"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "recipe: transfer/default; head: 10 -> 3 classes (a new, randomly initialised head)" in result.stdout
@@ -135,29 +129,27 @@ def test_our_model_files_load_weights_only(tmp_path, monkeypatch):
     assert calls == [True]
 
 
-def test_a_trained_runs_best_checkpoint_loads_weights_only(tmp_path):
-    from test_engine import tiny_config
-
-    from tntcli.engine.train import train
-
-    train(tiny_config(**{"train.epochs": 1, "train.ema_decay": 0.9}), out=tmp_path / "run")
-    record = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert record["format"] == "tntcli" and record["best"]["epoch"] == 1
+def test_a_trained_runs_best_checkpoint_loads_weights_only(tiny_run):
+    """A run with an EMA (tiny_config's decay 0.9): best.pt is read by torch's weights-only unpickler."""
+    record = torch.load(tiny_run / "best.pt", weights_only=True)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert record["format"] == "tntcli"
+    assert (record["best"]["epoch"], record["best"]["source"]) == (summary["best_epoch"], summary["best_source"])
 
 
 # ------------------------------------------------------------------------------------------------ CLI hygiene
-def test_out_on_an_existing_file_is_one_line_and_exit_2(tmp_path):
+def test_out_on_an_existing_file_is_one_line_and_exit_2(tmp_path, tnt_main):
     afile = tmp_path / "taken"
     afile.write_text("x")
     for args in (["train", "--recipe", "quickstart", "--max-steps", "1"], ["flops", "-m", "deit-ti"]):
-        result = tnt(*args, "--out", str(afile), cwd=tmp_path)
+        result = tnt_main(*args, "--out", str(afile), cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         line, = result.stderr.strip().splitlines()
         assert str(afile) in line and ("Not a directory" in line or "File exists" in line)
         assert "Traceback" not in result.stderr and afile.read_text() == "x"
 
 
-def test_out_on_an_unwritable_place_is_one_line_and_exit_2(tmp_path):
+def test_out_on_an_unwritable_place_is_one_line_and_exit_2(tmp_path, tnt_main):
     target = Path("/sys/tnt-test-run")                # read-only even for root
     try:
         target.mkdir()
@@ -166,7 +158,7 @@ def test_out_on_an_unwritable_place_is_one_line_and_exit_2(tmp_path):
     else:
         target.rmdir()
         pytest.skip("/sys is writable here")
-    result = tnt("train", "--recipe", "quickstart", "--max-steps", "1", "--out", str(target), cwd=tmp_path)
+    result = tnt_main("train", "--recipe", "quickstart", "--max-steps", "1", "--out", str(target), cwd=tmp_path)
     assert result.returncode == 2
     line, = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {target}: ") and ("not permitted" in line or "Read-only" in line
@@ -176,17 +168,29 @@ def test_out_on_an_unwritable_place_is_one_line_and_exit_2(tmp_path):
 CUDA_CHATTER = "No CUDA runtime is found"
 
 
-def test_a_cpu_command_prints_no_cuda_runtime_line(tmp_path):
-    result = tnt("flops", "-m", "tnt-ti", "--out", str(tmp_path), cwd=tmp_path)
+@pytest.mark.slow                       # a fresh interpreter importing the whole training stack: ~5 s of CPU
+def test_cpu_commands_print_no_cuda_runtime_line(tmp_path, image_folder):
+    """torch.utils.cpp_extension logs that line when imported; only building the CPU kernel should import it.
+    The line comes once per process, at that import: one fresh interpreter runs `tnt flops` and a training step
+    of the quickstart model (its CPU backend loads the built kernel) through `main()`, one after the other. The
+    step trains on a generated folder (24 train, 9 val images): the same command path as digits, a short evaluation."""
+    commands = [["flops", "-m", "tnt-ti", "--out", str(tmp_path / "flops")],
+                ["train", "--recipe", "quickstart", "--data", str(image_folder), "--batch-size", "8", "--workers", "0",
+                 "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / "r")]]
+    driver = ("import json, sys\n"
+              "from tntcli.cli import main\n"
+              "for args in json.loads(sys.argv[1]):\n"
+              "    sys.argv = ['tnt', *args]\n"
+              "    try:\n"
+              "        main()\n"
+              "    except SystemExit as stop:\n"
+              "        if stop.code:\n"
+              "            raise\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}     # the checkout, not the working folder
+    result = subprocess.run([sys.executable, "-c", driver, json.dumps(commands)], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert CUDA_CHATTER not in result.stderr + result.stdout
-
-
-def test_a_cpu_training_step_prints_no_cuda_runtime_line(tmp_path):
-    """torch.utils.cpp_extension logs that line when imported; only building the CPU kernel should import it."""
-    result = tnt("train", "--recipe", "quickstart", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / "r"),
-                 cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "flops" / "flops.csv").is_file() and (tmp_path / "r" / "summary.json").is_file()
     assert CUDA_CHATTER not in result.stderr + result.stdout
 
 

@@ -18,8 +18,8 @@ import yaml
 
 from tntcli.engine.run_checkpoint import load_verified, save_verified
 from tntcli.errors import EXIT_PREEMPTED, TntError
-from tntcli.results import atomic_write_text, locked
 
+from results_writer import append_rows
 from test_engine import TINY_ARCH
 from test_exactness import assert_same_run
 
@@ -122,18 +122,9 @@ def test_truncated_checkpoints_with_no_good_copy_give_a_clear_error(tmp_path):
         load_verified(path)
 
 
-def _append_rows(folder: str, worker: int) -> None:
-    for i in range(20):
-        with locked(folder):
-            path = Path(folder) / "table.csv"
-            old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["worker", "i"])
-            new = pd.concat([old, pd.DataFrame([{"worker": worker, "i": i}])], ignore_index=True)
-            atomic_write_text(path, new.to_csv(index=False))
-
-
 def test_concurrent_results_writers_lose_no_row(tmp_path):
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_append_rows, args=(str(tmp_path), w)) for w in range(3)]
+    procs = [ctx.Process(target=append_rows, args=(str(tmp_path), w)) for w in range(3)]
     for p in procs:
         p.start()
     for p in procs:
@@ -143,7 +134,7 @@ def test_concurrent_results_writers_lose_no_row(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))                   # no temp file left behind
 
 
-def test_a_truncated_image_is_skipped_with_a_warning_or_stops_the_run_under_strict(tmp_path):
+def test_a_truncated_image_is_skipped_with_a_warning_or_stops_the_run_under_strict(tmp_path, no_training_curves):
     from conftest import make_image_folder
     from test_engine import tiny_config
 

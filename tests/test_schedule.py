@@ -127,7 +127,7 @@ if __name__ == "__main__":
     print(lr_table())
 
 
-def test_metrics_record_the_lr_each_epoch_trained_at(tmp_path):
+def test_metrics_record_the_lr_each_epoch_trained_at(tmp_path, image_folder, no_training_curves):
     """With the lr set once per epoch, the `lr` column is that epoch's rate (not the next epoch's, which the
     scheduler has already switched to after the epoch's last step)."""
     import pandas as pd
@@ -136,12 +136,12 @@ def test_metrics_record_the_lr_each_epoch_trained_at(tmp_path):
     from tntcli.engine.schedule import lr_factor, schedule_epochs
     from tntcli.engine.train import train
 
-    cfg = build_config(None, {"model.name": "tnt-ti", "model.img_size": 16, "data.data": "digits",
+    cfg = build_config(None, {"model.name": "tnt-ti", "model.img_size": 16, "data.data": str(image_folder),
                               "model.arch": {"depth": 1, "patch_size": 8, "dim": 24, "heads": 2, "word_dim": 8,
                                              "inner_heads": 2},
-                              "data.batch_size": 32, "data.workers": 0, "data.max_train_images": 64,
+                              "data.batch_size": 8, "data.workers": 0,
                               "train.epochs": 4, "train.ema_decay": None, "optim.warmup_epochs": 2,
-                              "optim.cooldown_epochs": 1, "optim.lr": 1e-3, "optim.lr_ref_batch": 32})
+                              "optim.cooldown_epochs": 1, "optim.lr": 1e-3, "optim.lr_ref_batch": 8})
     train(cfg, out=tmp_path / "run")
     warmup, cosine = schedule_epochs(cfg)
     want = [1e-3 * lr_factor(e, warmup=warmup, cosine=cosine, start=1e-6 / 1e-3, floor=1e-5 / 1e-3) for e in range(4)]

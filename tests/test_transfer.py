@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import make_image_folder
 from test_checkpoints import official_from_timm, randomize, save
-from test_engine import TINY_ARCH, run_cli, tiny_config
+from test_engine import TINY_ARCH, tiny_config
 
 from tntcli.cli import main
 from tntcli.config import build_config
@@ -22,6 +22,10 @@ from tntcli.errors import TntError
 from tntcli.models import create_model, load_pretrained, save_model
 from tntcli.models.weights import read_checkpoint, resize_pos_embed, to_ours, unwrap_state_dict
 from tntcli.transfer import default_recipe, run_transfer, transfer_config, transfer_table, write_transfer_table
+
+
+# Runs here finish without drawing curves.png/.svg: the plot is not what these tests are about (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_training_curves")
 
 
 def source_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -261,14 +265,14 @@ def assert_one_line_error(code, stderr, message):
     assert message in stderr and stderr.strip().count("\n") == 0 and "Traceback" not in stderr, stderr
 
 
-def test_a_missing_checkpoint_is_one_line_and_exit_2_from_the_command_line(tmp_path):
-    result = run_cli("transfer", "-c", str(tmp_path / "missing.pt"), "--data", "digits", cwd=tmp_path)
+def test_a_missing_checkpoint_is_one_line_and_exit_2_from_the_command_line(tmp_path, tnt_main):
+    result = tnt_main("transfer", "-c", str(tmp_path / "missing.pt"), "--data", "digits", cwd=tmp_path)
     assert_one_line_error(result.returncode, result.stderr, "checkpoint not found")
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
 def test_bad_input_is_refused_in_one_line_before_a_run_folder_is_made(tmp_path, tiny_checkpoint, capsys, case):
-    """Through the console entry point in-process (the subprocess test above covers the process exit)."""
+    """Through the console entry point in-process (tests/test_cli_models.py covers the process exit)."""
     args, message = BAD_INPUT[case]
     with mock.patch.object(sys, "argv", ["tnt", "transfer", *args(tiny_checkpoint, tmp_path),
                                          "--out", str(tmp_path / "never")]), pytest.raises(SystemExit) as stop:
