@@ -59,7 +59,7 @@ def test_inner_blocks_keep_the_inner_transformer_only_where_named():
 @pytest.mark.parametrize("flags, name, word_pos, sentence_pos", [
     ({"no_word_pos": True}, "no-word-pos", False, True),
     ({"no_sentence_pos": True}, "no-sentence-pos", True, False),
-    ({"no_word_pos": True, "no_sentence_pos": True}, "no-pos", False, False),
+    ({"no_pos": True}, "no-pos", False, False),             # its own flag: --no-pos
 ])
 def test_position_encoding_variants_drop_exactly_their_embedding(flags, name, word_pos, sentence_pos):
     c, model = built(variants(**flags)[name])

@@ -24,7 +24,7 @@ TINY = dict(depth=1, patch_size=8, inner_stride=4, dim=32, heads=2, word_dim=8, 
 
 
 # ------------------------------------------------------------------------------------------------ recipes
-SHIPPED = ["deit-b-imagenet", "deit-s-imagenet", "deit-ti-imagenet", "quickstart", "tnt-b-imagenet", "tnt-s-imagenet",
+SHIPPED = ["cifar10-study", "deit-b-imagenet", "deit-s-imagenet", "deit-ti-imagenet", "quickstart", "tnt-b-imagenet", "tnt-s-imagenet",
            "tnt-ti-imagenet", "transfer/cifar10", "transfer/cifar100", "transfer/default", "transfer/flowers102",
            "transfer/pets"]
 
