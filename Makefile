@@ -23,8 +23,11 @@ ffcv: setup
 
 # The CPU attention kernel (tntcli/backends/kernels.py) is built on first use: 35-45 s on 2 cores, once per machine.
 # The tests build it here, up front, so that no test pays for it at random; without a compiler it warns and skips.
-kernels: setup
+kernels: $(VENV)/.kernels
+
+$(VENV)/.kernels: $(VENV)/.installed tntcli/backends/kernels.py tntcli/backends/csrc/tiny_attention.cpp
 	$(PY) -c "from tntcli.backends import kernels; kernels.available()"
+	touch $@
 
 demo: setup
 	$(VENV)/bin/tnt train --recipe quickstart

@@ -302,6 +302,7 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow                                                  # a fresh interpreter imports torch: ~2 s
 def test_contradictory_flags_exit_with_one_line_through_python_m_tntcli_cli():
     proc = run_cli(BAD[0][0])
     message = BAD[0][1]

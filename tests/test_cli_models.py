@@ -80,6 +80,7 @@ def test_main_prints_one_error_line_without_traceback_and_exits_2(tmp_path, args
     assert proc.stderr.startswith("error: ") and message in proc.stderr
 
 
+@pytest.mark.slow                                                  # a fresh interpreter imports torch: ~2 s
 def test_python_m_tntcli_cli_exits_2_with_one_error_line_from_a_fresh_process(tmp_path):
     """`python -m tntcli.cli` (the module's __main__ guard calls main()): the real process exit code and stderr,
     nothing else printed on start-up. The suite's one fresh-interpreter check of an error exit."""

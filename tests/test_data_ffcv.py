@@ -11,7 +11,8 @@ from conftest import make_image_folder
 from tntcli.data import AugmentSettings, build_loaders, resolve_source
 from tntcli.errors import TntError
 
-pytestmark = pytest.mark.ffcv
+# slow: the first FFCV loader in a process pays ~10 s of numba compilation, and writing the module's .beton ~4 s
+pytestmark = [pytest.mark.ffcv, pytest.mark.slow]
 FULL = AugmentSettings()
 
 
