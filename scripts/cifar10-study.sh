@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CIFAR-10 study of results/cifar10-study/, in one command:
-#   scripts/cifar10-study.sh /tmp/cifar10-5k        (tar -xzf cifar10-5k.tar.gz -C /tmp first)
+#   scripts/cifar10-study.sh "$DATA/cifar10-5k"   (tar -xzf cifar10-5k.tar.gz -C "$DATA" first; any folder)
 # Trains TNT (recipes/cifar10-study.yaml), the DeiT of the same width and depth, and TNT without inner transformer,
 # word and sentence position encodings, 3 seeds each (15 runs under runs/cifar10-study; finished runs are
 # reused and interrupted ones resumed on a rerun), then writes the ablation table, the TNT-vs-DeiT comparison,
