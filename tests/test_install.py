@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from tntcli.config import build_config, find_recipe, load_recipe, recipe_names
-from tntcli.errors import TntError
 from tntcli.models import create_model, load_checkpoint, save_model
 from tntcli.models.weights import export_timm, read_checkpoint
 from tntcli.transfer import default_recipe, head_swap, transfer_config

@@ -9,7 +9,6 @@ to `results/bench.csv`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as dt
 import json
@@ -19,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import dataclasses
 import gc
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from tntcli.engine.runtime import autocast, count_gmacs, device_name, resolve_device, synchronize
+from tntcli.engine.runtime import autocast, count_gmacs, device_name, resolve_device, synchronize, timed
 from tntcli.engine.step import TrainStep, adamw
 from tntcli.errors import TntError
 from tntcli.backends import apply_backend
@@ -185,16 +183,6 @@ def gemm_steps(device: torch.device, precision: str, size: int) -> dict[str, Cal
         b_rows = b.t().contiguous()                 # a linear layer's weight: a @ b_rows.T is a @ b
         steps["oneDNN"] = lambda: onednn_linear(a, b_rows, None)
     return steps
-
-
-def timed(fn: Callable[[], None], device: torch.device, iters: int = 1) -> float:
-    """Seconds per call of `fn`, averaged over `iters` calls."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / iters
 
 
 def _iters_per_rep(fn: Callable[[], None], device: torch.device, min_seconds: float) -> int:

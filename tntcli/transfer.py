@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from tntcli.config import RECIPES, RunConfig, build_config, load_recipe, run_model_config
-from tntcli.data.sources import NAMED_DATASETS, list_class_folders, resolve_source
+from tntcli.data.sources import list_class_folders, resolve_source
 from tntcli.errors import TntError
 from tntcli.models.weights import (OURS, guess_model_name, load_weights, read_checkpoint, to_ours,
                                        unwrap_state_dict)
@@ -116,11 +116,6 @@ def head_swap(sd: dict[str, torch.Tensor], data: str | None) -> str:
     return f"head: {old} -> {'the data' if new is None else new} classes (a new, randomly initialised head)"
 
 
-def dataset_label(data: str | None) -> str:
-    """`cifar10` for named datasets, the folder or file stem otherwise (for run names and tables)."""
-    return data_label(data)
-
-
 def run_transfer(checkpoint: str | Path | None, *, recipe: str | None = None, overrides: dict[str, Any] | None = None,
                  out: Path | None = None, resume: Path | None = None, overwrite: bool = False,
                  console=None) -> dict[str, Any]:
@@ -138,7 +133,7 @@ def run_transfer(checkpoint: str | Path | None, *, recipe: str | None = None, ov
         console.print(f"recipe: {recipe or default_recipe(cfg.data.data)}; {head_swap(sd, cfg.data.data)}")
     if out is None:
         img_size = run_model_config(cfg).img_size
-        out = Path("runs") / f"transfer-{cfg.model.name}-{img_size}px-{dataset_label(cfg.data.data)}-" \
+        out = Path("runs") / f"transfer-{cfg.model.name}-{img_size}px-{data_label(cfg.data.data)}-" \
                              f"{time.strftime('%Y%m%d-%H%M%S')}"
     return train(cfg, out=out, overwrite=overwrite, console=console)
 
@@ -155,7 +150,7 @@ def run_transfer_seeds(checkpoint: str | Path | None, seeds: list[int], *, recip
     cfg = transfer_config(checkpoint, recipe=recipe, overrides=overrides)
     if out is None:
         out = Path("runs") / f"transfer-{cfg.model.name}-{run_model_config(cfg).img_size}px-" \
-                             f"{dataset_label(cfg.data.data)}-{config_digest(cfg, ignore_seed=True)}"
+                             f"{data_label(cfg.data.data)}-{config_digest(cfg, ignore_seed=True)}"
     return train_seeds(cfg, seeds, out, console=console)
 
 
@@ -182,7 +177,7 @@ def _run_rows(runs_dir: Path) -> list[dict[str, Any]]:
         if run["config"] is None:
             continue
         pretrained = run["pretrained"]
-        rows.append({"model": run["model"], "img_size": run["img_size"], "dataset": dataset_label(run["data"]),
+        rows.append({"model": run["model"], "img_size": run["img_size"], "dataset": data_label(run["data"]),
                      "init": "/".join(Path(pretrained).parts[-2:]) if pretrained else "scratch",
                      "ours_top1": _percent(run.get("final_top1")), "ours_best_top1": _percent(run.get("best_top1")),
                      "epochs": f"{run['epochs_done']}/{run['epochs']}", "status": run["status"], "seed": run["seed"],

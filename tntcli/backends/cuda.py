@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from typing import Callable
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from tntcli.backends.common import (ExplicitAttention, become, compile_layer, inner_layers,
                                     use_class_token_last_layer)
+from tntcli.engine.runtime import timed
 from tntcli.models.layers import Attention, TransformerLayer
 
 MAX_GRID_Y = 65535                     # CUDA's limit on a grid's y dimension
@@ -106,12 +106,5 @@ def _step(layer: TransformerLayer, x: torch.Tensor, dtype: torch.dtype | None, t
 
 def seconds_per_call(fn: Callable[[], None], device: torch.device, reps: int) -> float:
     """Mean seconds of `fn` over `reps` calls after one warm-up call (which compiles, where it does)."""
-    fn()                                       # warm up (and compile)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / reps
+    fn()
+    return timed(fn, device, reps)

@@ -17,7 +17,6 @@ equals timm's `mixup_target(..., smoothing=s)` (tested).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np

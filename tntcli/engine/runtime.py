@@ -7,8 +7,9 @@ import dataclasses
 import io
 import os
 import platform
+import time
 from pathlib import Path
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import torch
 
@@ -49,6 +50,16 @@ def device_name(device: torch.device) -> str:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device, iters: int = 1) -> float:
+    """Seconds per call of `fn`, averaged over `iters` calls (the device synchronised around them)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
