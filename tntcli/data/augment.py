@@ -89,7 +89,10 @@ def _check_interpolation(name: str) -> None:
 class RandomErasing:
     """timm's `RandomErasing(probability=p, mode='pixel')` on a normalised float batch (B, C, H, W): per image
     with probability p, up to 10 attempts at a box of area U(0.02, 1/3) x H x W and log-uniform aspect in
-    [0.3, 1/0.3]; the first box that fits is filled with N(0, 1) noise per pixel. `grouped` as RandAugment."""
+    [0.3, 1/0.3]; the first box that fits is filled with N(0, 1) noise per pixel.
+    `grouped` (default on CPU): the boxes are read on the host and written as slices, with noise drawn for their
+    pixels only; otherwise (default elsewhere) a full-size noise tensor and `torch.where`, with no host sync.
+    Both erase the same boxes; the noise values differ, being drawn for other shapes."""
 
     def __init__(self, probability: float, *, min_area: float = 0.02, max_area: float = 1 / 3,
                  min_aspect: float = 0.3, attempts: int = 10, grouped: bool | None = None):
