@@ -203,6 +203,18 @@ def test_the_device_path_has_no_host_syncs_or_per_batch_host_tensors(monkeypatch
     assert out.shape == (8, 3, 40, 48) and targets.shape == (8, 3)
 
 
+def test_normalisation_turns_ffcvs_channels_last_view_into_a_contiguous_batch():
+    """FFCV hands over (B, H, W, 3) buffers viewed as NCHW; later ops (erasing, MixUp, the model) are several
+    times slower on a channels-last float batch, so the pipeline's output is contiguous, with the same values."""
+    nhwc = torch.from_numpy(smooth_images(4))
+    view = nhwc.permute(0, 3, 1, 2)
+    out = ImagePipeline(None, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))(view)
+    assert out.is_contiguous()
+    expected = (view.contiguous().double() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------- erasing, mixup
 def test_random_erasing_follows_timms_pixel_mode():
     x = torch.zeros(4000, 3, 20, 30)

@@ -102,6 +102,47 @@ def test_preemption_signal_saves_exits_with_its_code_and_resumes(reference_run, 
     assert_same_run(run, reference_run, rng=False)          # bit-identical weights, EMA, optimiser, metrics
 
 
+def test_a_save_killed_after_any_file_operation_leaves_a_readable_checkpoint(tmp_path, monkeypatch):
+    """Deterministic version of the SIGKILL test: the k-th rename/unlink of a save (k = 0, 1, ...) raises instead
+    of running, as if the process died there. The newest readable checkpoint is then the new one or the one
+    before, never none (a kill between moving the file and its checksum once left `last.prev.pt` beside the
+    checksum of an older file)."""
+    import os
+    from pathlib import Path
+
+    path = tmp_path / "last.pt"
+    real_replace, real_unlink = os.replace, Path.unlink
+    for k in range(20):
+        for leftover in tmp_path.iterdir():
+            real_unlink(leftover)
+        save_verified({"epoch": 1}, path)
+        save_verified({"epoch": 2}, path)
+        calls = iter(range(10**6))
+
+        def maybe_die(real):
+            def op(*args, **kwargs):
+                if next(calls) == k:
+                    raise KeyboardInterrupt("killed")
+                return real(*args, **kwargs)
+            return op
+
+        monkeypatch.setattr(os, "replace", maybe_die(real_replace))
+        monkeypatch.setattr(Path, "unlink", maybe_die(real_unlink))
+        try:
+            save_verified({"epoch": 3}, path)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.undo()
+        record, _ = load_verified(path)
+        assert record["epoch"] in ((3,) if finished else (2, 3)), f"killed at file operation {k}"
+        if finished:
+            break
+    else:
+        raise AssertionError("a save takes more than 20 file operations")
+    assert k >= 5                                   # the kill points covered every step of the save
+
+
 def test_corrupt_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     path = tmp_path / "last.pt"
     save_verified({"epoch": 1, "w": torch.arange(1000.0)}, path)

@@ -2,8 +2,9 @@
 
 Saving `last.pt`: serialise, write a temp file (fsynced, `fsio.atomic_write`), move the current pair to
 `last.prev.pt(.sha256)`, then rename the new file into place and write its checksum (also atomically). A kill at
-any moment leaves either a complete new file, or the previous one. Loading verifies the checksum and falls back to the previous file when the newest
-is unreadable or does not match.
+any moment leaves either a complete new file, or the previous one (tested by failing each file operation of a
+save in turn). Loading verifies the checksum and falls back to the previous file when the newest is unreadable or
+does not match.
 """
 from __future__ import annotations
 
@@ -33,15 +34,15 @@ def save_verified(record: dict[str, Any], path: str | os.PathLike, keep_previous
     blob = _serialise(record)
 
     def keep_current_as_previous() -> None:           # runs once the new file is on disk, before it replaces
-        if not keep_previous:
-            _digest_path(path).unlink(missing_ok=True)  # the old checksum must not judge the new file
-        elif path.exists():
-            prev = _prev_path(path)
+        # Order matters: after every single step a checkpoint file sits beside its own checksum or beside none
+        # (then it is read unverified: it was written complete and fsynced), never beside another file's.
+        digest, prev = _digest_path(path), _prev_path(path)
+        if keep_previous and path.exists():
+            _digest_path(prev).unlink(missing_ok=True)
             os.replace(path, prev)
-            if _digest_path(path).exists():
-                os.replace(_digest_path(path), _digest_path(prev))
-            else:
-                _digest_path(prev).unlink(missing_ok=True)
+            if digest.exists():
+                os.replace(digest, _digest_path(prev))
+        digest.unlink(missing_ok=True)                 # the old checksum must not judge the new file
 
     atomic_write_bytes(path, blob, before_replace=keep_current_as_previous)
     atomic_write_text(_digest_path(path), hashlib.sha256(blob).hexdigest() + "\n")
