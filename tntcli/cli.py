@@ -361,7 +361,9 @@ def data_bench(
     workers: int = typer.Option(2, "--workers"),
     repeats: int = typer.Option(3, "--repeats", help="Alternating timed rounds per loader."),
     epochs: int = typer.Option(1, "--epochs", help="Epochs per timed round."),
-    rand_augment: bool = typer.Option(False, "--rand-augment/--no-rand-augment", help="RandAugment in both."),
+    rand_augment: Optional[bool] = typer.Option(None, "--rand-augment/--no-rand-augment",
+                                                help="RandAugment in both (default: off; with --recipe, the "
+                                                "recipe's, and --no-rand-augment drops it from the recipe)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Use this recipe's full train augmentation "
                                          "(e.g. tnt-s-imagenet: RandAugment, erasing, MixUp/CutMix)."),
     device: str = typer.Option("cpu", "--device", help="Where batches go and are augmented: cpu, cuda, cuda:N."),

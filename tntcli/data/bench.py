@@ -2,7 +2,7 @@
 
 Both sides go through `build_loaders` with the same image size, batch size, workers, device and
 augmentation: a recipe's full train augmentation (`recipe="tnt-s-imagenet"`: crop, flip, RandAugment,
-erasing, MixUp/CutMix), or crop + flip with RandAugment on or off. The timed loop includes `batch_augment`
+erasing, MixUp/CutMix), the same without RandAugment, or crop + flip with RandAugment on or off. The timed loop includes `batch_augment`
 (MixUp/CutMix). One warm-up epoch each (numba compilation, worker start-up) is not timed; the timed epochs
 alternate between the two so drifts in machine load hit both alike. `append_csv` adds one row per loader to
 `results/data_bench.csv` (columns `CSV_COLUMNS`).
@@ -10,6 +10,7 @@ alternate between the two so drifts in machine load hit both alike. `append_csv`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import statistics
 import tempfile
@@ -37,12 +38,20 @@ class BenchResult:
         return self.median("ffcv") / self.median("torchvision")
 
 
-def bench_augment(rand_augment: bool, recipe: str | None = None, data: str = "digits") -> tuple[AugmentSettings, str]:
-    """(settings, label): the recipe's `aug` section, or crop + flip (+ RandAugment) without a recipe."""
+def bench_augment(rand_augment: bool | None, recipe: str | None = None,
+                  data: str = "digits") -> tuple[AugmentSettings, str]:
+    """(settings, label): the recipe's `aug` section, or crop + flip (+ RandAugment) without a recipe.
+
+    With a recipe, `rand_augment=False` drops the recipe's RandAugment and keeps the rest (erasing, MixUp/CutMix):
+    the row that shows what the two loaders' ratio would be if RandAugment cost nothing. None or True keep it.
+    """
     if recipe:
         from tntcli.config import build_config, load_recipe
 
-        return build_config(load_recipe(recipe), {"data.data": data}).aug, f"recipe {recipe}"
+        aug = build_config(load_recipe(recipe), {"data.data": data}).aug
+        if rand_augment is False and aug.rand_augment:
+            return dataclasses.replace(aug, rand_augment=None), f"recipe {recipe} without RandAugment"
+        return aug, f"recipe {recipe}"
     aug = AugmentSettings(rand_augment=RAND_AUGMENT if rand_augment else None, random_erasing=0.0,
                           mixup=0.0, cutmix=0.0)
     return aug, "crop+flip" + (f"+{RAND_AUGMENT}" if rand_augment else "")
@@ -80,7 +89,7 @@ def _epoch_rate(loaders, epochs: int) -> float:
 
 
 def run_bench(data: str, *, data_root: str | None = None, img_size: int = 112, batch_size: int = 128,
-              workers: int = 2, repeats: int = 3, epochs: int = 1, rand_augment: bool = False,
+              workers: int = 2, repeats: int = 3, epochs: int = 1, rand_augment: bool | None = None,
               recipe: str | None = None, device: str = "cpu", cache_dir: str | Path | None = None) -> BenchResult:
     """images/s of both loaders over `repeats` alternating rounds of `epochs` train epochs each."""
     from tntcli.data import build_loaders
