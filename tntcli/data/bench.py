@@ -2,10 +2,10 @@
 
 Both sides go through `build_loaders` with the same image size, batch size, workers, device and
 augmentation: a recipe's full train augmentation (`recipe="tnt-s-imagenet"`: crop, flip, RandAugment,
-erasing, MixUp/CutMix), the same without RandAugment, or crop + flip with RandAugment on or off. The timed loop includes `batch_augment`
-(MixUp/CutMix). One warm-up epoch each (numba compilation, worker start-up) is not timed; the timed epochs
-alternate between the two so drifts in machine load hit both alike. `append_csv` adds one row per loader to
-`results/data_bench.csv` (columns `CSV_COLUMNS`).
+erasing, MixUp/CutMix), the same without RandAugment, or crop + flip with RandAugment on or off. The timed
+loop includes `batch_augment` (MixUp/CutMix). One warm-up epoch each (numba compilation, worker start-up) is
+not timed; the timed epochs alternate between the two so drifts in machine load hit both alike. `append_csv`
+adds one row per loader to `results/data_bench.csv` (columns `CSV_COLUMNS`).
 """
 from __future__ import annotations
 
