@@ -4,20 +4,19 @@
 #
 # The lent GPU machines run their own image (Python 3.12, torch 2.11, timm, typer, rich, pandas, matplotlib) without
 # fvcore or ffcv. Bring fvcore and what it needs as wheels, from the repository root on a machine with PyPI:
-#   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #       fvcore iopath yacs termcolor portalocker tabulate pyyaml safetensors
 #   (fvcore and iopath ship as source only: also `python3 -m pip wheel --no-deps -w .whl fvcore iopath`)
-# then carry `.whl` to the GPU machine; this script installs whatever lies in .whl/ into /tmp/site first. FFCV needs
+# then carry `.whl` (git-ignored) to the GPU machine; this script installs whatever lies in .whl/ into .whl/site first. FFCV needs
 # OpenCV and libjpeg-turbo built in: without it the check trains from JPEG folders and says so.
 #   --out FILE   where the report goes (default: gpu-check.md, or $OUT/gpu-check.md where $OUT is set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PWD/.whl/site" .whl/*.whl
+  export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 args=("$@")

@@ -144,17 +144,14 @@ def _probe(fn, device: torch.device) -> str:
 # ------------------------------------------------------------------------------------------- 2. bench
 def bench(device: torch.device, quick: bool, tmp: Path, report: Report) -> None:
     runs = []
-    for compile_ in (False, True):
+    for compile_ in ((False,) if quick else (False, True)):   # on a CPU, compiling costs minutes and proves little
         for batch in ([2] if quick else [128, 256]):
             args = ["bench", "-m", "tnt-s", "-m", "deit-s", "--vs", "timm", "-b", str(batch),
                     "--device", device.type, "--results", str(tmp / "bench"),
                     "--compile" if compile_ else "--no-compile"]
             args += (["--depth", "1", "--reps", "1", "--warmup", "1", "--gemm-size", "64", "--precision", "fp32",
                       "--no-memory"] if quick else ["--precision", "bf16", "--reps", "5"])
-            if not (quick and compile_):                       # on a CPU, compiling costs minutes and proves little
-                runs.append(args)
-            if quick:
-                break
+            runs.append(args)
     for args in runs:
         done = _tnt(args)
         report.text(f"`tnt {' '.join(args)}`: exit {done.returncode}")

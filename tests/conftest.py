@@ -91,6 +91,17 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A saved 1-block TNT-Ti (16px, 10 classes) that transfer and install tests fine-tune or refuse; read only."""
+    from test_engine import TINY_ARCH
+
+    from tntcli.models import create_model, save_model
+
+    return save_model(create_model("tnt-ti", img_size=16, num_classes=10, **TINY_ARCH), "tnt-ti",
+                      tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
 @pytest.fixture
 def no_training_curves(monkeypatch):
     """For tests whose subject is not the curves plot: a finished run skips drawing curves.png/.svg (matplotlib's

@@ -89,3 +89,11 @@ def test_python_m_tntcli_cli_exits_2_with_one_error_line_from_a_fresh_process(tm
     assert proc.returncode == 2
     line, = proc.stderr.strip().splitlines()
     assert proc.stdout == "" and line.startswith("error: unknown model 'tnt-xl'; choose one of: tnt-ti, tnt-s, tnt-b")
+
+
+def test_loading_the_command_line_does_not_import_torch():
+    """`tnt --help`, `tnt results` and every one-line error stay quick: torch (about 2 s to import) is loaded by
+    the commands that use it, not by the CLI module or the recipe declarations its flags come from."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, tntcli.cli; print('torch' in sys.modules)"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr

@@ -94,6 +94,16 @@ def test_early_stop_with_max_steps(image_folder):
     lds.close()  # idempotent
 
 
+def test_a_resumed_epoch_skips_to_the_same_batches_a_whole_epoch_gives(image_folder):
+    lds = loaders(image_folder, workers=0)
+    lds.set_epoch(1)
+    whole = list(lds.train.epoch(max_steps=4))
+    resumed = list(lds.train.epoch(max_steps=4, skip=2))
+    assert len(resumed) == 2
+    for (x, y), (rx, ry) in zip(whole[2:], resumed):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 def test_max_train_images_keeps_several_classes(image_folder):
     lds = loaders(image_folder, max_train_images=9, batch_size=3)
     labels = torch.cat([y for _, y in lds.train])

@@ -78,6 +78,19 @@ def test_batch_augment_is_reproducible(ffcv_loaders):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_a_resumed_epoch_passes_over_earlier_batches_without_augmenting_them(ffcv_loaders):
+    val = ffcv_loaders.val                          # sequential order: the same labels in every epoch
+    whole = [labels.clone() for _, labels in val.epoch()]
+    pipeline, seeds = val.pipeline, []
+    val.pipeline = lambda images, seed: seeds.append(seed) or pipeline(images, seed)
+    try:
+        resumed = [labels.clone() for _, labels in val.epoch(skip=1)]
+    finally:
+        val.pipeline = pipeline
+    assert len(whole) == 3 and len(resumed) == len(seeds) == 2
+    assert all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
+
+
 def test_stopping_early_ends_the_ffcv_thread(ffcv_loaders):
     batches = ffcv_loaders.train.epoch()
     next(batches)

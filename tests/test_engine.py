@@ -276,7 +276,8 @@ def test_a_rank_failing_before_ddp_fails_every_rank_with_one_message(tmp_path):
         == 2, done.stderr[-3000:]
 
 
-def test_a_resume_after_an_epochs_last_step_records_the_rate_that_epoch_trained_at(finished_run, tmp_path):
+def test_a_resume_after_an_epochs_last_step_records_the_rate_that_epoch_trained_at(finished_run, tmp_path,
+                                                                                    no_training_curves):
     """Stopped at the last step of epoch 1, the resumed run has no step left in that epoch; its metrics row must
     still carry epoch 1's rate (not the next epoch's, which the scheduler has already moved to)."""
     run = tmp_path / "stopped-at-epoch-end"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_engine import TINY_ARCH
 
 from tntcli.config import build_config, find_recipe, load_recipe, recipe_names
 from tntcli.models import create_model, load_checkpoint, save_model
@@ -19,7 +20,7 @@ from tntcli.models.weights import export_timm, read_checkpoint
 from tntcli.transfer import default_recipe, head_swap, transfer_config
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(depth=1, patch_size=8, inner_stride=4, dim=32, heads=2, word_dim=8, inner_heads=2, img_size=16)
+TINY = dict(TINY_ARCH, img_size=16)
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -59,12 +60,6 @@ def test_a_named_recipe_that_does_not_exist_is_an_error_listing_the_shipped_ones
 
 
 # ------------------------------------------------------------------------------------------------ transfer defaults
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return save_model(create_model("tnt-ti", num_classes=10, **TINY), "tnt-ti",
-                      tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
 def test_unnamed_data_fine_tunes_with_the_transfer_default_not_the_imagenet_recipe(tiny_checkpoint, image_folder):
     assert default_recipe(str(image_folder)) == default_recipe("digits") == "transfer/default"
     cfg = transfer_config(tiny_checkpoint, overrides={"data.data": str(image_folder)})
@@ -83,7 +78,7 @@ def test_a_named_dataset_uses_its_shipped_transfer_recipe(tiny_checkpoint, tmp_p
 
 
 def test_transfer_cli_on_a_folder_says_its_recipe_and_head_swap_and_fine_tunes(tiny_checkpoint, image_folder,
-                                                                               tmp_path, tnt_main):
+                                                                               tmp_path, tnt_main, no_training_curves):
     result = tnt_main("transfer", "--checkpoint", str(tiny_checkpoint), "--data", str(image_folder), "--epochs", "1",
                  "--batch-size", "8", "--workers", "0", "--out", str(tmp_path / "ft"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -65,7 +65,7 @@ def test_cls_token_gets_no_words():
     """Only patch tokens receive the projected words; the cls token passes the word projection unchanged. The
     block's zero-row pad must equal the plain slice + concatenate, bit for bit."""
     block = create_model("tnt-s", depth=1).blocks[0].eval()
-    block.outer.forward = lambda sentences, cls_only=False: sentences   # outer transformer as the identity
+    block.outer.forward = lambda sentences: sentences   # outer transformer as the identity
     words, sentences = torch.randn(2 * 196, 16, 24), torch.randn(2, 197, 384)
     with torch.no_grad():
         _, out = block(words, sentences)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +12,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tntcli.engine.step import ModelEma, TrainStep
 from tntcli.models import create_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_engine import tiny_config  # noqa: E402
+from test_engine import TINY_ARCH, tiny_config
 
 # Runs here finish without drawing curves.png/.svg: the plot is not what these tests are about (conftest.py).
 pytestmark = pytest.mark.usefixtures("no_training_curves")
 
-TINY = dict(depth=1, patch_size=8, inner_stride=4, dim=32, heads=2, word_dim=8, inner_heads=2, img_size=16,
-            num_classes=10, drop_path_rate=0.0)
+TINY = dict(TINY_ARCH, img_size=16, num_classes=10, drop_path_rate=0.0)
 
 
 def batch(seed: int, poison: bool = False):

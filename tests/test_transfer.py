@@ -2,9 +2,7 @@
 the fine-tuning param groups (freeze, layer decay, backbone lr), the Table 9 results table, and bad input."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from unittest import mock
 
 import pandas as pd
 import pytest
@@ -15,7 +13,6 @@ from conftest import make_image_folder
 from test_checkpoints import official_from_timm, randomize, save
 from test_engine import TINY_ARCH, tiny_config
 
-from tntcli.cli import main
 from tntcli.config import build_config
 from tntcli.engine.train import build_scheduler, param_groups, train
 from tntcli.errors import TntError
@@ -246,12 +243,6 @@ def test_table_rows_for_paper_entries_without_runs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return save_model(create_model("tnt-ti", img_size=16, num_classes=10, **TINY_ARCH), "tnt-ti",
-                      tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
 BAD_INPUT = {  # case -> (arguments given the fixtures, expected message)
     "another architecture": (lambda ckpt, d: ["-c", str(ckpt), "--model", "deit-s", "--data", "digits"],
                              "does not fit deit-s"),
@@ -274,11 +265,9 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2_from_the_command_line(tmp_p
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_is_refused_in_one_line_before_a_run_folder_is_made(tmp_path, tiny_checkpoint, capsys, case):
+def test_bad_input_is_refused_in_one_line_before_a_run_folder_is_made(tmp_path, tiny_checkpoint, tnt_main, case):
     """Through the console entry point in-process (tests/test_cli_models.py covers the process exit)."""
     args, message = BAD_INPUT[case]
-    with mock.patch.object(sys, "argv", ["tnt", "transfer", *args(tiny_checkpoint, tmp_path),
-                                         "--out", str(tmp_path / "never")]), pytest.raises(SystemExit) as stop:
-        main()
-    assert_one_line_error(stop.value.code, capsys.readouterr().err, message)
+    result = tnt_main("transfer", *args(tiny_checkpoint, tmp_path), "--out", tmp_path / "never")
+    assert_one_line_error(result.returncode, result.stderr, message)
     assert not (tmp_path / "never").exists()

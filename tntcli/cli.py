@@ -284,10 +284,10 @@ def ablate(
 
     base = build_config(load_recipe(recipe), _overrides(flags, sets))
     seed_list = None if seeds is None else _seed_list(seeds, flags.get("train.seed"), base.train.seed)
-    flags = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se,
-                                     vs_deit, no_pos)
+    variants = ablate_lib.AblationFlags(no_inner, inner_blocks, no_word_pos, no_sentence_pos, inner_heads, words, se,
+                                        vs_deit, no_pos)
     try:
-        ablate_lib.run(base, flags, runs=runs, out=out, name=name, dry_run=dry_run, timing_steps=timing_steps,
+        ablate_lib.run(base, variants, runs=runs, out=out, name=name, dry_run=dry_run, timing_steps=timing_steps,
                        recipe=recipe, seeds=seed_list, console=console)
     except Preempted as stop:
         raise Preempted(f"{stop}; or rerun the same `tnt ablate` command to resume") from None

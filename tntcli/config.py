@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 import yaml
 
-from tntcli.backends import BACKENDS
 from tntcli.errors import TntError
 
 RECIPES = importlib.resources.files("tntcli") / "recipes"   # shipped in the package: found from any folder
@@ -176,7 +175,6 @@ class RecipeKey:
     """One declared recipe key, as the command line sees it."""
     key: str                            # dotted: "optim.lr"
     type: Any                           # the field's resolved type hint
-    default: Any
     help: str
     flags: tuple[Flag, ...]
 
@@ -187,8 +185,7 @@ def recipe_keys() -> Iterator[RecipeKey]:
         cls = section.default_factory
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            yield RecipeKey(f"{section.name}.{f.name}", hints[f.name], default, f.metadata.get("help", ""),
+            yield RecipeKey(f"{section.name}.{f.name}", hints[f.name], f.metadata.get("help", ""),
                             f.metadata.get("flags", ()))
 
 
@@ -320,6 +317,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def validate(cfg: RunConfig) -> None:
+    from tntcli.backends import BACKENDS  # here, not at the top: the CLI imports this module, and backends imports torch
+
     checks = [
         (cfg.data.data is not None, "no dataset: pass --data (an ImageFolder root, a .beton, cifar10, digits...)"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),

@@ -105,21 +105,9 @@ def draw_top1_vs_gmacs(ax, series: dict[str, list[tuple[str, float, float]]], lo
     ax.legend(fontsize=8)
 
 
-def plot_top1_vs_gmacs(series: dict[str, list[tuple[str, float, float]]], stem: str | os.PathLike,
-                       title: str) -> list[Path]:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    draw_top1_vs_gmacs(ax, series)
-    ax.set_title(title, fontsize=10)
-    try:
-        return save_figure(fig, stem)
-    finally:
-        plt.close(fig)
-
-
 def data_label(data: str | None) -> str:
     """A portable name for a run's data: `cifar10`/`digits` as named, else the folder or .beton stem (never a
-    machine's absolute path): /work/shared/data/cifar10-5k -> cifar10-5k, out/imnet.beton -> imnet."""
+    machine's absolute path): /data/cifar10-5k -> cifar10-5k, out/imnet.beton -> imnet."""
     from tntcli.data.sources import NAMED_DATASETS
 
     data = data or "data"

@@ -31,8 +31,7 @@ FIGURES = ("patch-embeddings", "word-embeddings", "inner-attention", "patch-atte
 # ----------------------------------------------------------------------------------------------- maps
 def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, T, C) normalised tokens into `attn` -> (B, heads, T, T) attention probabilities, every query row."""
-    B, T, _ = x.shape
-    q, k, _ = attn.qkv(x).view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, _ = attn.heads(x)
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
@@ -126,6 +125,7 @@ def load_image(path: str | Path, img_size: int, mean, std, crop_pct: float, inte
     """The model's eval view of an image file: (1, 3, S, S) normalised, and the same crop as (S, S, 3) uint8."""
     from PIL import Image, UnidentifiedImageError
 
+    from tntcli.data.augment import ImagePipeline
     from tntcli.data.pipelines import eval_transform
 
     try:
@@ -134,8 +134,8 @@ def load_image(path: str | Path, img_size: int, mean, std, crop_pct: float, inte
     except (OSError, UnidentifiedImageError) as err:
         raise TntError(f"cannot read image {path}: {err}") from None
     crop = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation)(rgb)       # (3, S, S) uint8
-    tensor = (crop.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return tensor[None], crop.permute(1, 2, 0).numpy()
+    # normalised as the eval loaders do, by the same code
+    return ImagePipeline(None, mean=mean, std=std)(crop[None]), crop.permute(1, 2, 0).numpy()
 
 
 def _parse_ints(flag: str, text: str | None) -> list[int] | None:

@@ -44,8 +44,7 @@ class ClassTokenLayer(TransformerLayer):
         H, D, (w, b) = a.num_heads, a.head_dim, (a.qkv.weight, a.qkv.bias)
         q = self.linear(x[:, :1], w[:C], None if b is None else b[:C]).view(B, 1, H, D).transpose(1, 2)
         kv = self.linear(x, w[C:], None if b is None else b[C:]).view(B, N, 2, H, D).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, *kv.unbind(0), dropout_p=a.attn_drop if a.training else 0.0,
-                                             scale=a.scale)
+        out = a.attend(q, *kv.unbind(0))                                       # B, heads, 1, head_dim
         return a.proj_drop(a.proj(out.transpose(1, 2).reshape(B, 1, C)))
 
 
@@ -65,13 +64,11 @@ class ExplicitAttention(Attention):
     """softmax(q k^T * scale) v as two batched matmuls: for tiny heads, faster to train than SDPA on CPU; one of the
     candidates the CUDA backend measures."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         if self.training and self.attn_drop:
             attn = F.dropout(attn, self.attn_drop)
-        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+        return attn @ v
 
 
 class TensorRateDropPath(DropPath):

@@ -59,7 +59,6 @@ def apply(model: nn.Module, *, training: bool, batch_size: int | None, options: 
                                if ONEDNN_LINEAR else F.linear)
     words = getattr(getattr(model, "cfg", None), "num_words", None)
     inner = set(map(id, inner_layers(model)))
-    kernel = options.tiny_kernel and kernels.available()
     rows = batch_size * model.cfg.grid ** 2 * words if words and batch_size else 0
     for module in list(model.modules()):
         if type(module) is nn.Linear and ONEDNN_LINEAR:
@@ -67,14 +66,15 @@ def apply(model: nn.Module, *, training: bool, batch_size: int | None, options: 
         elif type(module) is Mlp and ONEDNN_LINEAR:
             become(module, GeluFusedMlp)
         elif isinstance(module, TransformerLayer) and id(module) in inner:
-            _inner_attention(module.attn, words, kernel, training)
+            _inner_attention(module.attn, words, options.tiny_kernel, training)
             if (training and options.compile_inner and module.norm1.normalized_shape[0] <= COMPILE_MAX_DIM
                     and rows >= options.compile_min_rows):
                 compile_layer(module)
 
 
 def _inner_attention(attn: Attention, words: int, kernel: bool, training: bool) -> None:
-    if kernel and not attn.attn_drop and kernels.supports(words, attn.head_dim):
+    # `available()` last: it builds or loads the library, which only a layer that can use it should pay for
+    if kernel and not attn.attn_drop and kernels.supports(words, attn.head_dim) and kernels.available():
         become(attn, TinyKernelAttention)
     elif training and attn.head_dim < _TINY_HEAD_DIM:
         become(attn, ExplicitAttention)

@@ -21,7 +21,7 @@ from torch import nn
 
 from tntcli.backends.common import (ExplicitAttention, become, compile_layer, inner_layers,
                                     use_class_token_last_layer)
-from tntcli.engine.runtime import timed
+from tntcli.engine.runtime import autocast, timed
 from tntcli.models.layers import Attention, TransformerLayer
 
 MAX_GRID_Y = 65535                     # CUDA's limit on a grid's y dimension
@@ -32,14 +32,12 @@ class ChunkedAttention(Attention):
     """SDPA over at most `max_batch` sequences at a time (see the module docstring); (B, N, dim) -> (B, N, dim)."""
     max_batch = MAX_GRID_Y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         drop = self.attn_drop if self.training else 0.0
-        chunks = [F.scaled_dot_product_attention(*qkv[:, i:i + self.max_batch].unbind(0), dropout_p=drop,
-                                                 scale=self.scale) for i in range(0, B, self.max_batch)]
-        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)        # B, heads, N, head_dim
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        chunks = [F.scaled_dot_product_attention(q[i:i + self.max_batch], k[i:i + self.max_batch],
+                                                 v[i:i + self.max_batch], dropout_p=drop, scale=self.scale)
+                  for i in range(0, q.shape[0], self.max_batch)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)        # B, heads, N, head_dim
 
 
 def _chunked(layer: TransformerLayer) -> None:
@@ -59,15 +57,14 @@ INNER_CANDIDATES: dict[str, Callable[[TransformerLayer], None]] = {
     "sdpa": _chunked, "explicit": _explicit, "compiled": _compiled}
 
 
-def apply(model: nn.Module, *, training: bool, batch_size: int | None, dtype: torch.dtype | None,
-          measure: bool = True) -> str | None:
+def apply(model: nn.Module, *, training: bool, batch_size: int | None, dtype: torch.dtype | None) -> str | None:
     """Give `model` its CUDA paths (in place); returns the inner attention chosen (None for DeiT)."""
     use_class_token_last_layer(model)
     layers = inner_layers(model)
     if not layers:
         return None
     choice = "sdpa"
-    if measure and batch_size:
+    if batch_size:
         cfg = model.cfg
         shape = (batch_size * cfg.grid ** 2, cfg.num_words, cfg.word_dim)
         choice = choose_inner_attention(layers[0], shape, dtype, training)
@@ -98,7 +95,7 @@ def choose_inner_attention(layer: TransformerLayer, shape: tuple[int, int, int],
 
 
 def _step(layer: TransformerLayer, x: torch.Tensor, dtype: torch.dtype | None, training: bool) -> None:
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None), torch.set_grad_enabled(training):
+    with autocast(x.device, dtype), torch.set_grad_enabled(training):
         y = layer(x)
     if training:
         y.float().square().mean().backward()

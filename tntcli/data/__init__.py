@@ -3,7 +3,7 @@
     loaders = build_loaders("digits", img_size=32, batch_size=64, aug=AugmentSettings())
     for epoch in range(epochs):
         loaders.set_epoch(epoch)
-        for images, labels in loaders.train:             # or loaders.train.epoch(max_steps)
+        for images, labels in loaders.train:             # or loaders.train.epoch(max_steps, skip)
             images, targets = loaders.batch_augment(images, labels)
     loaders.close()
 

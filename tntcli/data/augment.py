@@ -280,10 +280,6 @@ class BatchAugment:
         self.epoch, self.step = 0, 0
         self._generators = Generators()
 
-    @property
-    def is_identity(self) -> bool:
-        return self.mix is None
-
     def set_epoch(self, epoch: int, step: int = 0) -> None:
         """Draws of epoch `epoch` from batch `step` on (a run resumed mid-epoch starts past step 0)."""
         self.epoch, self.step = epoch, step

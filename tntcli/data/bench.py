@@ -143,19 +143,21 @@ def print_result(result: BenchResult, console) -> None:
 
 
 def append_csv(result: BenchResult, results_dir: str | Path) -> Path:
-    """Append one row per loader (median img/s) to `results_dir/data_bench.csv`, atomically."""
-    from tntcli.fsio import atomic_write_text
+    """Append one row per loader (median img/s) to `results_dir/data_bench.csv`, atomically, under the results
+    folder's lock (two benches finishing together keep both their rows)."""
+    from tntcli.results import atomic_write_text, locked
 
     path = Path(results_dir) / "data_bench.csv"
-    old = path.read_text() if path.is_file() else ""
-    if old and old.splitlines()[0].split(",") != list(CSV_COLUMNS):
-        raise TntError(f"{path} has other columns than {', '.join(CSV_COLUMNS)}; move it away first")
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    if not old:
-        writer.writerow(CSV_COLUMNS)
-    s = result.settings
-    for name in result.images_per_s:
-        writer.writerow([name, s["augment"], s["device"], s["workers"], s["batch_size"],
-                         f"{result.median(name):.1f}"])
-    return atomic_write_text(path, old + ("" if not old or old.endswith("\n") else "\n") + out.getvalue())
+    with locked(results_dir):
+        old = path.read_text() if path.is_file() else ""
+        if old and old.splitlines()[0].split(",") != list(CSV_COLUMNS):
+            raise TntError(f"{path} has other columns than {', '.join(CSV_COLUMNS)}; move it away first")
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        if not old:
+            writer.writerow(CSV_COLUMNS)
+        s = result.settings
+        for name in result.images_per_s:
+            writer.writerow([name, s["augment"], s["device"], s["workers"], s["batch_size"],
+                             f"{result.median(name):.1f}"])
+        return atomic_write_text(path, old + ("" if not old or old.endswith("\n") else "\n") + out.getvalue())

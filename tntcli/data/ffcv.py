@@ -268,15 +268,16 @@ def _next_batch(iterator):
 
 
 class FfcvLoader:
-    """One FFCV `Loader`, reused every epoch. Batches are `(float32 NCHW normalised, int64)` on `device`.
+    """One FFCV `Loader`, reused every epoch. Batches are `(float32 NCHW normalised, int64)` on the device
+    FFCV's pipeline delivers to (`_image_pipeline`).
 
     FFCV decodes, crops and flips into uint8 (B, H, W, 3) buffers (on CUDA: copied to the GPU as uint8);
     `pipeline` (an `ImagePipeline`: RandAugment + normalisation + erasing, or normalisation alone) then runs
-    on the whole batch on `device`, its draws seeded from (seed, epoch, rank, step).
+    on the whole batch on that device, its draws seeded from (seed, epoch, rank, step).
     """
 
-    def __init__(self, loader, device: torch.device, pipeline, *, seed: int = 0, rank: int = 0):
-        self.loader, self.device, self.pipeline = loader, device, pipeline
+    def __init__(self, loader, pipeline, *, seed: int = 0, rank: int = 0):
+        self.loader, self.pipeline = loader, pipeline
         self.seed, self.rank, self.epoch_index = seed, rank, 0
         self._live = None
 
@@ -290,8 +291,9 @@ class FfcvLoader:
     def __iter__(self):
         return self.epoch()
 
-    def epoch(self, max_steps: int | None = None):
-        """Batches of one epoch; stopping early (max_steps, break, exception) shuts FFCV's thread down."""
+    def epoch(self, max_steps: int | None = None, skip: int = 0):
+        """Batches of one epoch from step `skip` on (a resumed run: earlier batches are drawn but not augmented;
+        draws stay keyed by the step); stopping early (max_steps, break, exception) shuts FFCV's thread down."""
         self.close()
         iterator = self._live = iter(self.loader)
         finished = False
@@ -303,6 +305,8 @@ class FfcvLoader:
                 if batch is None:
                     finished = True
                     break
+                if step < skip:
+                    continue
                 images, labels = batch
                 seed = mix_seed(self.seed, self.epoch_index, self.rank, step, IMAGE_STREAM)
                 yield self.pipeline(images, seed), labels   # reads FFCV's reused buffer, returns a new tensor
@@ -373,7 +377,7 @@ def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, 
                             order=OrderOption.SEQUENTIAL, indices=np.arange(rank, n_val, world), drop_last=False,
                             pipelines={"image": _image_pipeline(center_crop(), [], device),
                                        "label": _label_pipeline(device)}),
-                     device, ImagePipeline(None, mean=mean, std=std))
+                     ImagePipeline(None, mean=mean, std=std))
     if eval_only:
         return val, val, n_val, n_val
     n_train = int(reader(source.train_path).num_samples)
@@ -395,5 +399,5 @@ def ffcv_loaders(source, *, img_size: int, batch_size: int, workers: int, mean, 
     if use_ra:  # ffcv's constructor takes no order class with arguments: swap it in afterwards
         train.traversal_order = _ra_order(repeated_aug, world, rank, seed)(train)
         train.first_traversal_order = train.next_traversal_order()
-    return (FfcvLoader(train, device, ImagePipeline(aug, mean=mean, std=std), seed=seed, rank=rank), val,
+    return (FfcvLoader(train, ImagePipeline(aug, mean=mean, std=std), seed=seed, rank=rank), val,
             n_train, n_val)

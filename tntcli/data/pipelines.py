@@ -223,10 +223,14 @@ class DeviceLoader:
     def __iter__(self):
         return self.epoch()
 
-    def epoch(self, max_steps: int | None = None):
+    def epoch(self, max_steps: int | None = None, skip: int = 0):
+        """Batches of one epoch from step `skip` on (the workers still build the skipped ones: their samples' seeds
+        come from positions in the epoch)."""
         for step, (images, labels) in enumerate(self.loader):
             if max_steps is not None and step >= max_steps:
                 break
+            if step < skip:
+                continue
             yield (images.to(self.device, non_blocking=self.non_blocking),
                    labels.to(self.device, non_blocking=self.non_blocking))
 

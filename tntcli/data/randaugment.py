@@ -231,7 +231,7 @@ class RandAugment:
     """
 
     def __init__(self, spec: RandAugmentSpec, fill: Sequence[int] = (128, 128, 128),
-                 interpolation: str = "random", grouped: bool | None = None, translate_pct: float = TRANSLATE_PCT):
+                 interpolation: str = "random", grouped: bool | None = None):
         if interpolation not in INTERPOLATIONS:
             raise TntError(f"interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
         self.spec = spec
@@ -239,7 +239,6 @@ class RandAugment:
         self.fill = tuple(int(v) for v in fill)
         self.interpolation = interpolation
         self.grouped = grouped
-        self.translate_pct = translate_pct
         self._constants: dict = {}
 
     def __repr__(self) -> str:
@@ -384,8 +383,7 @@ class RandAugment:
     def _affine_family(self, x: Tensor, op: Tensor, magnitude: Tensor, negate: Tensor, mode: str) -> Tensor:
         """Rotate / shear / translate as one batched resampling (PIL's AFFINE conventions, fill outside)."""
         n, _, h, w = x.shape
-        matrix = affine_matrices(op, magnitude, negate, self.ops, width=w, height=h,
-                                 translate_pct=self.translate_pct)
+        matrix = affine_matrices(op, magnitude, negate, self.ops, width=w, height=h)
         return affine(x, matrix, mode=mode, fill=self._fill(x.device),
                       grid=self._pixel_centres(h, w, x.device))
 
@@ -430,7 +428,7 @@ def pixel_centres(h: int, w: int, device: torch.device) -> Tensor:
 
 
 def affine_matrices(op: Tensor, magnitude: Tensor, negate: Tensor, ops: Sequence[str], *, width: int,
-                    height: int, translate_pct: float = TRANSLATE_PCT) -> Tensor:
+                    height: int) -> Tensor:
     """PIL AFFINE data (a, b, c, d, e, f) per image as (N, 2, 3) float64: the source point of output point
     (X, Y) is (aX + bY + c, dX + eY + f). Non-geometric ops get the identity."""
     n = op.shape[0]

@@ -293,10 +293,8 @@ def folder_source(data: str, *, strict: bool = False, eval_only: bool = False) -
         only_val = sorted(set(val_classes) - set(train_classes))
         raise TntError(f"train/ and val/ under {data} list different classes: only in train: {only_train or '-'}; "
                        f"only in val: {only_val or '-'}")
-    train, skipped_train = (None, []) if eval_only else scan_class_folders(root / "train", strict=strict,
-                                                                           classes=train_classes)
+    train, skipped_train = scan_class_folders(root / "train", strict=strict, classes=train_classes)
     val, skipped_val = scan_class_folders(root / "val", strict=strict, classes=train_classes)
-    train = val if eval_only else train
     skipped = skipped_train + skipped_val
     warn_skipped(skipped, str(root))
     return DataSource("folder", data, train_classes, train=train, val=val, skipped=skipped)

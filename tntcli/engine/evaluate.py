@@ -80,7 +80,7 @@ def run_eval(*, model_name: str | None, checkpoint: str, data: str, data_root: s
     overrides = {"img_size": img_size} if img_size else {}
     model, name = load_checkpoint(checkpoint, model_name, ema=ema, **overrides)
     spec = get_spec(name)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = runtime.resolve_device("auto")
     loaders = build_loaders(data, data_root=data_root, img_size=model.cfg.img_size, batch_size=batch_size,
                             workers=workers, mean=tuple(mean or spec.mean), std=tuple(std or spec.std),
                             crop_pct=crop_pct or spec.crop_pct, interpolation=spec.interpolation, aug=None,

@@ -96,8 +96,6 @@ def _layer_index(name: str, depth: int) -> int:
     return depth + 1 if name.startswith(("norm.", "head.")) else 0
 
 
-
-
 # ----------------------------------------------------------------------------------------------- signals
 class StopFlag:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps (a cluster's preemption notice)."""
@@ -354,14 +352,10 @@ def train_one_epoch(run: Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
     # the rate of the epoch's last step taken so far: a resume past every step of the epoch takes none here
     lr = last_step_lr(run.sched) if run.skip_steps else run.opt.param_groups[0]["lr"]
 
-    def progress() -> dict[str, float]:
-        loss_sum, steps, _, _ = check(run, tally, epoch)
-        return {"loss_sum": loss_sum, "steps": steps, "seen": seen, "seconds": time.perf_counter() - t0}
-
     with run.reporter.epoch(epoch, cfg.train.epochs, run.steps_per_epoch) as bar:
-        for step, (images, labels) in enumerate(loaders.train.epoch(run.steps_per_epoch)):
-            if step < run.skip_steps:                   # resumed mid-epoch: these batches were trained on
-                continue
+        # resumed mid-epoch: the loader passes over the batches already trained on without augmenting them
+        batches = loaders.train.epoch(run.steps_per_epoch, skip=run.skip_steps)
+        for step, (images, labels) in enumerate(batches, start=run.skip_steps):
             images, targets = loaders.batch_augment(images, labels)
             lr = run.opt.param_groups[0]["lr"]          # the rate this step uses (the scheduler steps after it)
             loss, finite = run.step(images, targets)
@@ -381,8 +375,9 @@ def train_one_epoch(run: Run, epoch: int, stop: StopFlag) -> dict[str, Any]:
                 logged = (loss_sum, steps)
                 stats["lr"] = lr
             bar.update(**stats)
-            if stopping or save_now:
-                save_checkpoint(run, epoch, step + 1, progress())
+            if stopping or save_now:                    # the tally was just read above: no second read
+                save_checkpoint(run, epoch, step + 1, {"loss_sum": loss_sum, "steps": steps, "seen": seen,
+                                                        "seconds": time.perf_counter() - t0})
             if stopping:
                 write_summary(run, "interrupted")
                 distributed.barrier(env)      # no rank exits (and gets the others killed) before rank 0 has saved
